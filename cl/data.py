@@ -1,0 +1,40 @@
+"""Loaders and the device-side input conversion.
+
+Datasets yield uint8 images `[C, H, W]`; conversion to float, channel expansion and resizing to the
+backbone's input size happen here, once per batch on the device, instead of per sample on the CPU.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+
+def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
+                pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
+    """A loader whose order depends only on `seed`: resuming at an experience boundary replays it exactly."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last and len(dataset) > batch_size,
+        persistent_workers=False,
+    )
+
+
+def to_model_input(x: torch.Tensor, size: int, channels: int, device: torch.device) -> torch.Tensor:
+    """uint8 `[B, C, H, W]` (or float in [0, 1]) -> float `[B, channels, size, size]` in [0, 1] on `device`."""
+    x = x.to(device, non_blocking=True)
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    if x.shape[1] != channels:
+        if x.shape[1] == 1:
+            x = x.expand(-1, channels, -1, -1)
+        else:
+            raise ValueError(f"images have {x.shape[1]} channels, the backbone expects {channels}")
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x

@@ -1,0 +1,118 @@
+"""The strategy contract: what the trainer calls, in order (DESIGN.md, "Strategies").
+
+    setup(backbone, info)              once
+    begin_experience(exp)              add heads/adapters; return the parameter groups to optimise
+    configure_optimizer(groups)        optional: the strategy's own optimiser (None: the trainer's default)
+    train_step(batch) -> loss          one step's loss; the trainer does backward, autocast, clipping, step
+    before_optimizer_step()            optional: edit gradients
+    after_optimizer_step()             optional: EMA, pulls, restores, masks
+    end_experience(exp, loader)        prototypes, statistics, merges
+    predict(x, task_id=None) -> logits over all `info.n_classes` global class ids
+    adapt(x) -> logits                 test-time strategies: predict, then update
+    state_dict() / load_state_dict()   plain tensors and numbers, for resume
+
+A strategy that does not learn by SGD sets `uses_sgd = False` and overrides `fit_experience`.
+The strategy is an `nn.Module`, so its state is its modules' tensors plus `get_extra_state()`; a strategy
+that grows structure (a head or adapter per task) must rebuild it in `load_state_dict` before loading.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .stream import Experience, Stream, StreamInfo
+
+
+@dataclass
+class Batch:
+    """One mini-batch on the device: `x` float images in [0, 1] at the backbone's input size."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    task_id: torch.Tensor | None = None
+
+
+class Strategy(nn.Module):
+    """Base class with the hooks' defaults. Subclasses set `name`, `supports` and override what they need."""
+
+    name = "base"
+    supports: tuple[str, ...] = ("class_il", "task_il", "domain_il")
+    uses_sgd = True
+    forward_passes_per_test_image = 1
+
+    def __init__(self, **hparams: Any):
+        super().__init__()
+        self.hparams = dict(hparams)
+        self.backbone: nn.Module | None = None
+        self.info: StreamInfo | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def setup(self, backbone: nn.Module, info: StreamInfo) -> None:
+        self.backbone = backbone
+        self.info = info
+        self.register_buffer("seen_mask", torch.zeros(info.n_classes, dtype=torch.bool))
+        self.register_buffer("current_mask", torch.zeros(info.n_classes, dtype=torch.bool))
+        self.register_buffer("experiences_seen", torch.zeros((), dtype=torch.long))
+
+    def observe_classes(self, exp: Experience) -> None:
+        """Called by the trainer before `begin_experience`: which classes are known now."""
+        self.current_mask.zero_()
+        self.current_mask[list(exp.classes)] = True
+        self.seen_mask |= self.current_mask
+        self.experiences_seen += 1
+
+    def training_data(self, seen: Stream) -> Dataset:
+        """The data trained on for the latest experience (joint training returns the union)."""
+        return seen[-1].train
+
+    def begin_experience(self, exp: Experience) -> Iterable[Any]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizer(self, groups: Iterable[Any]) -> torch.optim.Optimizer | None:
+        return None
+
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement train_step (or set uses_sgd = False)")
+
+    def before_optimizer_step(self) -> None:
+        pass
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def fit_experience(self, exp: Experience, loader: DataLoader, device: torch.device) -> None:
+        raise NotImplementedError(f"{type(self).__name__} sets uses_sgd = False but has no fit_experience")
+
+    def end_experience(self, exp: Experience, loader: DataLoader) -> None:
+        pass
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, task_id: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predict(x)
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def mask_unseen(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits of classes not seen yet cannot win (the growing-head behaviour of PyCIL/PILOT)."""
+        return logits.masked_fill(~self.seen_mask, float("-inf"))
+
+    def backbone_params(self) -> int:
+        return sum(p.numel() for p in self.backbone.parameters()) if self.backbone is not None else 0
+
+    def added_params(self) -> int:
+        """Parameters the method added on top of the backbone (heads, adapters, prototypes)."""
+        own = sum(p.numel() for p in self.parameters()) - self.backbone_params()
+        extra = sum(b.numel() for n, b in self.named_buffers() if n.startswith(self.stored_buffers))
+        return own + extra
+
+    # Buffers that count as added parameters (prototypes, statistics): prefixes of their names.
+    stored_buffers: tuple[str, ...] = ()
+
+    def describe(self) -> Mapping[str, Any]:
+        return {"name": self.name, "hparams": self.hparams}

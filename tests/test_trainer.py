@@ -1,0 +1,167 @@
+"""The trainer calls every hook in order, owns the optimiser unless the strategy supplies one, and scores
+class-IL and task-IL accuracy correctly from known predictions."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from cl.stream import Experience, Stream, StreamInfo
+from cl.strategy import Strategy
+from cl.trainer import Trainer, TrainerConfig
+
+
+class Identity(nn.Module):
+    """A 'backbone' that passes a 4-d one-hot-ish input through as its feature."""
+
+    input_size, in_chans, feature_dim = 2, 1, 4
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def toy_stream(kind="class_il") -> Stream:
+    """Two experiences, classes {0,1} then {2,3}; a sample of class c is a 2x2 image with pixel c lit."""
+    def data(classes, n=4):
+        ys = torch.tensor([c for c in classes for _ in range(n)])
+        xs = (F.one_hot(ys, 4).float().view(-1, 1, 2, 2) * 255).to(torch.uint8)
+        return TensorDataset(xs, ys)
+
+    exps = [Experience(i, data(c), data(c), c, kind, task_id=i) for i, c in enumerate([[0, 1], [2, 3]])]
+    info = StreamInfo("toy", kind, 4, 2, [0, 1, 2, 3], input_shape=(1, 2, 2),
+                      classes_per_experience=[[0, 1], [2, 3]])
+    return Stream(exps, info)
+
+
+class Recorder(Strategy):
+    """Predicts with a fixed rule and records each hook call."""
+
+    def __init__(self, rule, **kw):
+        super().__init__(**kw)
+        self.rule, self.calls = rule, []
+
+    def setup(self, backbone, info):
+        super().setup(backbone, info)
+        self.w = nn.Parameter(torch.zeros(4))
+
+    def begin_experience(self, exp):
+        self.calls.append(("begin", exp.index, self.seen_mask.tolist()))
+        return [{"params": [self.w]}]
+
+    def configure_optimizer(self, groups):
+        self.calls.append(("configure",))
+        return torch.optim.SGD(groups, lr=0.1)
+
+    def train_step(self, batch):
+        self.calls.append(("step",))
+        return (self.w * batch.x.flatten(1)).sum() * 0 + self.w.pow(2).sum() + 1.0
+
+    def before_optimizer_step(self):
+        assert self.w.grad is not None  # gradients exist and can be edited here
+        self.calls.append(("before",))
+
+    def after_optimizer_step(self):
+        self.calls.append(("after",))
+
+    def end_experience(self, exp, loader):
+        self.calls.append(("end", exp.index))
+
+    def predict(self, x, task_id=None):
+        return self.rule(x.flatten(1))
+
+
+def cfg(**kw):
+    return TrainerConfig(**{"epochs": 2, "batch_size": 4, "progress": False, "device": "cpu", **kw})
+
+
+def test_hooks_are_called_in_order_and_every_step():
+    stream = toy_stream()
+    s = Recorder(lambda f: f)
+    s.setup(Identity(), stream.info)
+    Trainer(cfg()).fit(stream, s)
+    kinds = [c[0] for c in s.calls]
+    assert kinds[:2] == ["begin", "configure"]
+    # 8 samples / batch 4 = 2 steps per epoch, 2 epochs: 4 steps, each step -> before -> after
+    first_end = kinds.index("end")
+    assert kinds[2:first_end] == ["step", "before", "after"] * 4
+    assert s.calls[0][2] == [True, True, False, False]  # classes observed before begin_experience
+    assert ("end", 1) in s.calls
+
+
+def test_perfect_predictor_scores_100_and_masked_future_classes():
+    stream = toy_stream()
+    s = Recorder(lambda f: f)  # logits = one-hot of the true class
+    s.setup(Identity(), stream.info)
+    hist = Trainer(cfg(epochs=1)).fit(stream, s)
+    assert hist.acc_matrix == [[100.0, None], [100.0, 100.0]]
+    assert hist.test_counts == [8, 8]
+
+
+def test_class_il_vs_task_il_accuracy_by_logit_masking():
+    stream = toy_stream()
+    # Always votes for class 3 first, then the true class: wrong in class-IL once class 3 is seen,
+    # right in task-IL for experience 0 (class 3 is masked out of its task).
+    s = Recorder(lambda f: f + torch.tensor([0.0, 0.0, 0.0, 2.0]))
+    s.setup(Identity(), stream.info)
+    hist = Trainer(cfg(epochs=1)).fit(stream, s)
+    assert hist.acc_matrix[0][0] == 100.0       # class 3 not seen yet: masked in class-IL
+    assert hist.acc_matrix[1] == [0.0, 50.0]    # class 3 seen: wins for every sample except its own
+    assert hist.task_il_matrix[1] == [100.0, 50.0]
+
+
+def test_eval_future_fills_the_upper_triangle_and_a_baseline():
+    stream = toy_stream()
+    s = Recorder(lambda f: f)
+    s.setup(Identity(), stream.info)
+    hist = Trainer(cfg(epochs=1, eval_future=True)).fit(stream, s)
+    assert hist.acc_matrix[0][1] == 0.0          # future classes are masked in class-IL
+    assert hist.task_il_matrix[0][1] == 100.0    # but scored in task-IL
+    assert hist.initial_accuracy == [100.0, 100.0]
+
+
+class Prototype(Strategy):
+    uses_sgd = False
+
+    def setup(self, backbone, info):
+        super().setup(backbone, info)
+        self.register_buffer("protos", torch.zeros(4, 4))
+
+    def begin_experience(self, exp):
+        return []
+
+    def fit_experience(self, exp, loader, device):
+        for x, y in loader:
+            self.protos.index_add_(0, y, x.flatten(1).float())
+
+    def predict(self, x, task_id=None):
+        return x.flatten(1) @ self.protos.T
+
+
+def test_non_sgd_strategies_use_fit_experience():
+    stream = toy_stream()
+    s = Prototype()
+    s.setup(Identity(), stream.info)
+    hist = Trainer(cfg()).fit(stream, s)
+    assert hist.acc_matrix[-1] == [100.0, 100.0]
+    assert hist.costs[0]["trainable_params"] == 0
+
+
+def test_stop_after_and_start_continue_the_same_history():
+    stream = toy_stream()
+    s = Recorder(lambda f: f)
+    s.setup(Identity(), stream.info)
+    hist = Trainer(cfg(stop_after=1)).fit(stream, s)
+    assert len(hist.acc_matrix) == 1
+    hist = Trainer(cfg()).fit(stream, s, history=hist, start=1)
+    assert len(hist.acc_matrix) == 2 and len(hist.costs) == 2
+
+
+def test_costs_have_the_contract_fields():
+    stream = toy_stream()
+    s = Recorder(lambda f: f)
+    s.setup(Identity(), stream.info)
+    costs = Trainer(cfg()).fit(stream, s).costs
+    for c in costs:
+        for key in ("wall_s", "train_images_per_s", "eval_images_per_s", "forward_passes_per_test_image",
+                    "peak_memory_mb", "trainable_params", "added_params"):
+            assert key in c
+        assert c["trainable_params"] == 4 and c["train_images"] == 16
