@@ -70,8 +70,13 @@ def _square(matrix: list[list[float | None]]) -> list[list[float]]:
     return [[v if v is not None else float("nan") for v in row[:k]] for row in matrix]
 
 
-def compute_metrics(history: History) -> dict:
-    """The headline metrics on the experiences finished so far (percent)."""
+def compute_metrics(history: History, kind: str) -> dict:
+    """The headline metrics on the experiences finished so far (percent).
+
+    Forward transfer needs `eval_future`. It is computed on the task-IL matrix for every kind (`fwt_task_il`),
+    and on the class-IL matrix only for domain-IL (`fwt`): in class-IL a future experience's classes are
+    masked until they are seen, so its class-IL accuracy is 0 by construction.
+    """
     k = len(history.acc_matrix)
     if k == 0:
         return {}
@@ -79,14 +84,11 @@ def compute_metrics(history: History) -> dict:
     out = metrics.summarize(_square(history.acc_matrix), counts)
     task = metrics.summarize(_square(history.task_il_matrix), counts)
     out["task_il"] = {key: task[key] for key in ("avg_incremental_acc", "last_acc", "forgetting", "bwt")}
-    if history.initial_accuracy is not None and k == len(history.acc_matrix[0]):
-        full = [[v for v in row] for row in history.task_il_matrix]
-        try:
-            out["fwt_task_il"] = metrics.forward_transfer(full, history.initial_accuracy)
-            out["fwt"] = metrics.forward_transfer([[v for v in row] for row in history.acc_matrix],
-                                                  history.initial_accuracy)
-        except ValueError:
-            pass
+    complete = history.initial_accuracy is not None and all(v is not None for v in history.acc_matrix[0])
+    if complete and k == len(history.acc_matrix[0]):
+        out["fwt_task_il"] = metrics.forward_transfer(history.task_il_matrix, history.initial_task_il_accuracy)
+        if kind == "domain_il":
+            out["fwt"] = metrics.forward_transfer(history.acc_matrix, history.initial_accuracy)
     return out
 
 
@@ -117,7 +119,8 @@ class Run:
             "task_il_matrix": history.task_il_matrix,
             "test_counts": history.test_counts,
             "initial_accuracy": history.initial_accuracy,
-            "metrics": compute_metrics(history),
+            "initial_task_il_accuracy": history.initial_task_il_accuracy,
+            "metrics": compute_metrics(history, cfg["scenario"]["kind"]),
             "costs": {"per_experience": history.costs, "total_wall_s": total},
             "failure": self.failure,
             **self.meta,

@@ -129,16 +129,18 @@ class History:
     acc_matrix: list[list[float | None]] = field(default_factory=list)
     task_il_matrix: list[list[float | None]] = field(default_factory=list)
     test_counts: list[int] = field(default_factory=list)
-    initial_accuracy: list[float] | None = None  # before any training (FWT baseline), when eval_future
+    # Accuracy of the untrained model on every experience (the FWT baseline b_j), when eval_future is on:
+    # class-IL over all classes, and task-IL within each experience's classes.
+    initial_accuracy: list[float] | None = None
+    initial_task_il_accuracy: list[float] | None = None
     costs: list[dict] = field(default_factory=list)
 
     def to_state(self) -> dict:
-        return {"acc_matrix": self.acc_matrix, "task_il_matrix": self.task_il_matrix,
-                "test_counts": self.test_counts, "initial_accuracy": self.initial_accuracy, "costs": self.costs}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> "History":
-        return cls(**{k: state[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: state[k] for k in cls.__dataclass_fields__ if k in state})
 
 
 class Trainer:
@@ -168,8 +170,8 @@ class Trainer:
         strategy.to(self.device)
         n = len(stream)
         if self.cfg.eval_future and history.initial_accuracy is None:
-            row, _, counts = self.evaluate(stream, strategy, upto=n - 1, mask_to_seen=False)
-            history.initial_accuracy = row
+            row, task_row, counts = self.evaluate(stream, strategy, upto=n - 1, mask_to_seen=False)
+            history.initial_accuracy, history.initial_task_il_accuracy = row, task_row
             history.test_counts = counts
         stop_at = n if self.cfg.stop_after is None else min(n, start + self.cfg.stop_after)
         for i in range(start, stop_at):

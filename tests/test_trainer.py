@@ -165,3 +165,25 @@ def test_costs_have_the_contract_fields():
                     "peak_memory_mb", "trainable_params", "added_params"):
             assert key in c
         assert c["trainable_params"] == 4 and c["train_images"] == 16
+
+
+def test_fwt_uses_the_matching_baseline(compose, run_quiet):
+    import json
+
+    path, _ = run_quiet(compose("strategy=simplecil", "scenario=synthetic-domains", "debug=fast",
+                                "trainer.eval_future=true"))
+    r = json.loads(path.read_text())
+    assert all(v is not None for row in r["acc_matrix"] for v in row)
+    assert len(r["initial_task_il_accuracy"]) == len(r["acc_matrix"])
+    from cl import metrics
+
+    assert r["metrics"]["fwt"] == metrics.forward_transfer(r["acc_matrix"], r["initial_accuracy"])
+    assert r["metrics"]["fwt_task_il"] == metrics.forward_transfer(r["task_il_matrix"], r["initial_task_il_accuracy"])
+
+
+def test_class_il_runs_report_no_class_il_fwt(compose, run_quiet):
+    import json
+
+    path, _ = run_quiet(compose("strategy=simplecil", "scenario=synthetic", "debug=fast", "trainer.eval_future=true"))
+    m = json.loads(path.read_text())["metrics"]
+    assert "fwt" not in m and "fwt_task_il" in m
