@@ -183,24 +183,23 @@ class Trainer:
             strategy.observe_classes(exp)
             groups = normalize_groups(strategy.begin_experience(exp))
             strategy.to(self.device)
-            train_data = strategy.training_data(stream[: i + 1])
-            loader = make_loader(train_data, batch_size=self.cfg.batch_size, shuffle=True,
-                                 seed=self.cfg.seed * 1000 + i, num_workers=self.cfg.num_workers,
-                                 pin_memory=self.device.type == "cuda")
-            train_time, train_images = 0.0, 0
-            trainable = count_trainable(groups)
-            if strategy.uses_sgd:
-                train_time, train_images = self._train_sgd(strategy, groups, loader, i, n, exp.task_id)
-            else:
+            if stream.info.kind == "tta":
+                # Continual test-time adaptation: no training phase; the experience's test batches arrive in a
+                # fixed order and each is predicted, then adapted on (strategy.adapt), and scored online.
                 t = time.perf_counter()
-                strategy.fit_experience(exp, loader, self.device)
-                train_time, train_images = time.perf_counter() - t, len(train_data)
-            strategy.end_experience(exp, loader)
+                row, task_row, counts = self.adapt_online(stream, strategy, i)
+                train_time, train_images, trainable, eval_time = 0.0, 0, count_trainable(groups), 0.0
+                adapt_time = time.perf_counter() - t
+                strategy.end_experience(exp, None)
+            else:
+                adapt_time = None
+                trainable = count_trainable(groups)
+                train_time, train_images = self._learn(stream, strategy, groups, i)
 
-            upto = n - 1 if self.cfg.eval_future else i
-            t = time.perf_counter()
-            row, task_row, counts = self.evaluate(stream, strategy, upto=upto)
-            eval_time = time.perf_counter() - t
+                upto = n - 1 if self.cfg.eval_future else i
+                t = time.perf_counter()
+                row, task_row, counts = self.evaluate(stream, strategy, upto=upto)
+                eval_time = time.perf_counter() - t
             history.acc_matrix.append(_pad(row, n))
             history.task_il_matrix.append(_pad(task_row, n))
             if len(counts) > len(history.test_counts):
@@ -215,6 +214,8 @@ class Trainer:
                 "train_images": train_images,
                 "train_images_per_s": train_images / train_time if train_time > 0 else None,
                 "eval_images_per_s": n_eval / eval_time if eval_time > 0 else None,
+                **({"adapt_s": adapt_time, "adapt_images_per_s": counts[i] / adapt_time if adapt_time else None}
+                   if adapt_time is not None else {}),
                 "forward_passes_per_test_image": strategy.forward_passes_per_test_image,
                 "peak_memory_mb": mem,
                 "peak_memory_kind": mem_kind,
@@ -224,6 +225,22 @@ class Trainer:
             if self.on_experience_end is not None:
                 self.on_experience_end(i, strategy, history)
         return history
+
+    def _learn(self, stream: Stream, strategy: Strategy, groups: list, i: int) -> tuple[float, int]:
+        """The training phase of experience i: SGD epochs, or the strategy's own fit; then end_experience."""
+        exp = stream[i]
+        train_data = strategy.training_data(stream[: i + 1])
+        loader = make_loader(train_data, batch_size=self.cfg.batch_size, shuffle=True,
+                             seed=self.cfg.seed * 1000 + i, num_workers=self.cfg.num_workers,
+                             pin_memory=self.device.type == "cuda")
+        if strategy.uses_sgd:
+            train_time, train_images = self._train_sgd(strategy, groups, loader, i, len(stream), exp.task_id)
+        else:
+            t = time.perf_counter()
+            strategy.fit_experience(exp, loader, self.device)
+            train_time, train_images = time.perf_counter() - t, len(train_data)
+        strategy.end_experience(exp, loader)
+        return train_time, train_images
 
     def _make_optimizer(self, strategy: Strategy, groups: list) -> torch.optim.Optimizer | None:
         custom = strategy.configure_optimizer(groups)
@@ -297,6 +314,31 @@ class Trainer:
         if strategy.info is not None and strategy.info.kind == "task_il":
             return torch.full((n,), task_id, device=self.device)
         return None
+
+    # --- online test-time adaptation ------------------------------------------------------------
+    def adapt_online(self, stream: Stream, strategy: Strategy, index: int,
+                     ) -> tuple[list[float | None], list[float | None], list[int]]:
+        """Predict-then-adapt over experience `index`'s test batches in their fixed order; accuracy scored online.
+
+        Only the diagonal entry is defined: earlier domains are not revisited (CoTTA's protocol)."""
+        exp = stream[index]
+        loader = make_loader(exp.test, batch_size=self.cfg.batch_size, shuffle=False,
+                             num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda")
+        size, chans = strategy.backbone.input_size, strategy.backbone.in_chans
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        bar = progress_bar(total=len(loader), desc=f"adapt {index + 1}/{len(stream)}", enabled=self.cfg.progress)
+        for x, y in loader:
+            x = to_model_input(x, size, chans, self.device)
+            with self.autocast():
+                logits = strategy.adapt(x)
+            correct += (logits.float().argmax(1) == y.to(self.device)).sum()
+            bar.update(1)
+        bar.close()
+        acc = correct.item() / len(exp.test) * 100
+        row: list[float | None] = [None] * (index + 1)
+        row[index] = acc
+        counts = [len(e.test) for e in stream[: index + 1]]
+        return row, list(row), counts
 
     # --- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -76,3 +76,25 @@ def test_normalisation_is_applied_inside_the_backbone():
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     assert torch.allclose(norm(x), plain((x - mean) / std), atol=1e-5)
+
+
+def test_pretrained_weights_come_from_the_local_hf_cache(tmp_path, monkeypatch):
+    """timm's own loader reads the cached file; the id records the hub tag and the file's hash."""
+    import huggingface_hub.constants as hf_constants
+    from safetensors.torch import save_file
+
+    arch = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    cfg = {**backbone_cfg("vit-tiny"), "pretrained": True, "arch": arch}
+    source = backbones.build({**cfg, "pretrained": False})
+    repo = tmp_path / "hub" / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(snapshot / "model.safetensors"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = backbones.build(cfg)
+    assert loaded.pretrained and loaded.weights_id.startswith("timm:timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k:sha256:")
+    x = torch.rand(2, 3, 32, 32)
+    source.eval(), loaded.eval()
+    assert torch.allclose(source(x), loaded(x))

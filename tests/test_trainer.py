@@ -187,3 +187,68 @@ def test_class_il_runs_report_no_class_il_fwt(compose, run_quiet):
     path, _ = run_quiet(compose("strategy=simplecil", "scenario=synthetic", "debug=fast", "trainer.eval_future=true"))
     m = json.loads(path.read_text())["metrics"]
     assert "fwt" not in m and "fwt_task_il" in m
+
+
+class OnlineAdapter(Recorder):
+    """A test-time strategy: predicts, then 'adapts' by counting the batches it has seen."""
+
+    def adapt(self, x):
+        self.calls.append(("adapt", x.shape[0]))
+        return self.predict(x)
+
+
+def test_tta_streams_are_scored_online_with_adapt_and_no_training():
+    stream = toy_stream(kind="tta")
+    s = OnlineAdapter(lambda f: f)
+    s.setup(Identity(), stream.info)
+    hist = Trainer(cfg(batch_size=3)).fit(stream, s)
+    kinds = [c[0] for c in s.calls]
+    assert "step" not in kinds and "configure" not in kinds
+    assert [c[1] for c in s.calls if c[0] == "adapt"] == [3, 3, 2, 3, 3, 2]  # fixed order, every batch once
+    assert hist.acc_matrix == [[100.0, None], [None, 100.0]]
+    assert "adapt_images_per_s" in hist.costs[0]
+
+
+def test_a_non_finite_loss_stops_with_the_step_named():
+    import pytest
+
+    from cl.trainer import NonFiniteLossError
+
+    class Exploding(Recorder):
+        def train_step(self, batch):
+            loss = super().train_step(batch)
+            return loss * float("nan") if int(self.experiences_seen) == 2 else loss
+
+    stream = toy_stream()
+    s = Exploding(lambda f: f)
+    s.setup(Identity(), stream.info)
+    finished = []
+    trainer = Trainer(cfg(log_every=1), on_experience_end=lambda i, st, h: finished.append(i))
+    with pytest.raises(NonFiniteLossError, match="experience 1, epoch 0, step 1"):
+        trainer.fit(stream, s)
+    assert finished == [0]
+
+
+def test_a_failed_run_keeps_its_finished_experiences(compose, run_quiet, monkeypatch):
+    import json
+
+    import pytest
+
+    from cl.trainer import NonFiniteLossError
+    from strategies.finetune import Finetune
+
+    original = Finetune.train_step
+
+    def nan_in_third(self, batch):
+        loss = original(self, batch)
+        return loss * float("nan") if int(self.experiences_seen) == 3 else loss
+
+    monkeypatch.setattr(Finetune, "train_step", nan_in_third)
+    cfg_ = compose("strategy=finetune", "scenario=synthetic", "debug=fast", "trainer.log_every=1")
+    with pytest.raises(NonFiniteLossError):
+        run_quiet(cfg_)
+    from cl.results import RunDir, config_hash
+
+    result = json.loads(RunDir(cfg_["results_root"], config_hash(cfg_)).result_path.read_text())
+    assert result["status"] == "failed" and len(result["acc_matrix"]) == 2
+    assert result["failure"]["type"] == "non_finite_loss" and result["failure"]["experience"] == 2
