@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cl.cli import check_group_overrides, fail
+from cl.cli import check_group_overrides, fail, normalize_overrides
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
@@ -37,6 +37,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = normalize_overrides(sys.argv[1:])
     problem = check_group_overrides(sys.argv[1:])
     if problem:
         fail(problem)

@@ -33,6 +33,12 @@ def check_group_overrides(argv: Sequence[str], config_dir: Path = CONFIG_DIR) ->
     return None
 
 
+def normalize_overrides(argv: Sequence[str]) -> list[str]:
+    """`experiment=x` -> `+experiment=x`: presets are appended to the defaults list (the lightning-hydra-template
+    spelling and the `+` spelling both work)."""
+    return [f"+{a}" if a.startswith("experiment=") else a for a in argv]
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
@@ -43,6 +49,7 @@ def compose_config(overrides: Sequence[str] = ()) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    overrides = normalize_overrides(overrides)
     message = check_group_overrides(overrides)
     if message:
         from .errors import ConfigError

@@ -127,6 +127,7 @@ class Run:
             "metrics": compute_metrics(history, cfg["scenario"]["kind"]),
             "costs": {"per_experience": history.costs, "total_wall_s": total},
             "failure": self.failure,
+            "paper": cfg.get("paper"),
             **self.meta,
             "config": cfg,
             "command": " ".join(sys.argv),
@@ -228,6 +229,10 @@ def run_experiment(cfg: Mapping[str, Any], out=print) -> Path:
 def _print_summary(result: Mapping[str, Any], out=print) -> None:
     m = result["metrics"]
     costs = result["costs"]
+    paper = result.get("paper") or {}
+    for key in ("avg_incremental_acc", "last_acc", "forgetting"):
+        if key in paper and key in m:
+            out(f"{key}: measured {m[key]:.2f}  paper {paper[key]:.2f}")
     if "mean_error" in m:
         out(f"mean online error {m['mean_error']:.2f}  wall {costs['total_wall_s']:.1f}s")
         return

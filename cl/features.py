@@ -36,3 +36,18 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, n_classes: int) ->
     counts = torch.bincount(labels, minlength=n_classes)
     means = sums / counts.clamp(min=1).unsqueeze(1)
     return means.float(), counts
+
+
+def class_gaussian(features: torch.Tensor, mode: str = "covariance", ridge: float = 1e-4,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance (+ridge*I) of one class's features, or the diagonal only (`mode="variance"`).
+
+    MOS and other analytic classifier-alignment methods sample pseudo-features from these Gaussians."""
+    f = features.double()
+    mean = f.mean(0)
+    cov = torch.cov(f.T) + ridge * torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
+    if mode == "variance":
+        return mean.float(), torch.diagonal(cov).float()
+    if mode != "covariance":
+        raise ValueError(f"unknown statistics mode {mode!r}: expected covariance or variance")
+    return mean.float(), cov.float()

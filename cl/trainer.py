@@ -249,6 +249,9 @@ class Trainer:
         if not groups or count_trainable(groups) == 0:
             return None
         c = self.cfg
+        # A group may ask for a multiple of the configured lr (MOS trains its head at 0.1x the adapter lr).
+        groups = [{**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": c.lr * g["lr_scale"]}
+                  if isinstance(g, dict) and "lr_scale" in g else g for g in groups]
         if c.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         cls = torch.optim.Adam if c.optimizer == "adam" else torch.optim.AdamW

@@ -15,6 +15,8 @@ REGISTRY: dict[str, str] = {
     "finetune": "strategies.finetune:Finetune",
     "joint": "strategies.joint:Joint",
     "simplecil": "strategies.simplecil:SimpleCIL",
+    "adam": "strategies.adam:APER",
+    "mos": "strategies.mos:MOS",
 }
 
 

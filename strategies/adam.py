@@ -1,0 +1,100 @@
+"""APER ("ADapt And Merge", the ADAM of the first version): Zhou et al., "Revisiting Class-Incremental Learning
+with Pre-Trained Models: Generalizability and Adaptivity are All You Need" (IJCV 2024).
+
+Reference code: zhoudw-zdw/RevisitingCIL and LAMDA-PILOT `models/aper_*.py`. Algorithm:
+
+    experience 0 only: insert a PEFT module into a copy of the pre-trained model (AdaptFormer adapters in every
+        block by default, bottleneck 64, scale 0.1, dropout 0.1; or SSF, VPT-shallow, VPT-deep, full fine-tune)
+        and train it with a cosine head (learnable sigma) by CE over the first experience's classes;
+    every experience (0 included): the prototype of each new class is the mean of the concatenation
+        [frozen PTM feature, adapted feature] of its training images (test transform);
+    inference: argmax of cosine similarity to the prototypes (two backbone passes per image).
+
+`simplecil` is the training-free special case: the frozen PTM alone, no adaptation.
+Differences from the reference: the first-session head covers all classes with the not-yet-seen ones
+masked, which is the same function as PILOT's head of `init_cls` outputs.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from cl import peft
+from cl.features import class_means, extract_features
+from cl.heads import CosineLinear
+from cl.strategy import Batch, Strategy
+
+PEFT_KINDS = ("adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune")
+
+
+class APER(Strategy):
+    name = "adam"
+    supports = ("class_il", "task_il")
+    forward_passes_per_test_image = 2
+    stored_buffers = ("prototypes",)
+
+    def __init__(self, peft: str = "adapter", ffn_num: int = 64, adapter_scale: float = 0.1,
+                 adapter_dropout: float = 0.1, vpt_tokens: int = 5, eval_batch_size: int = 256, **hparams):
+        super().__init__(peft=peft, ffn_num=ffn_num, adapter_scale=adapter_scale, adapter_dropout=adapter_dropout,
+                         vpt_tokens=vpt_tokens, eval_batch_size=eval_batch_size, **hparams)
+        if peft not in PEFT_KINDS:
+            raise ValueError(f"adam.peft must be one of {PEFT_KINDS}, got {peft!r}")
+        self.h = self.hparams
+
+    def setup(self, backbone, info) -> None:
+        super().setup(backbone, info)
+        backbone.requires_grad_(False)
+        self.adapted = copy.deepcopy(backbone)  # the PTM stays untouched: its features are half the prototype
+        vit = self.adapted.model
+        kind = self.h["peft"]
+        if kind == "adapter":
+            peft.add_adapters(vit, bottleneck=self.h["ffn_num"], scale=self.h["adapter_scale"],
+                              dropout=self.h["adapter_dropout"])
+        elif kind == "ssf":
+            peft.add_ssf(vit)
+        elif kind in ("vpt_shallow", "vpt_deep"):
+            peft.add_vpt(vit, n_tokens=self.h["vpt_tokens"], deep=kind == "vpt_deep")
+        self.first_head = CosineLinear(backbone.feature_dim, info.n_classes, learn_sigma=True)
+        self.register_buffer("prototypes", torch.zeros(info.n_classes, 2 * backbone.feature_dim))
+
+    def tuned_parameters(self) -> list:
+        if self.h["peft"] == "finetune":
+            return list(self.adapted.parameters())
+        return peft.peft_parameters(self.adapted.model)
+
+    def begin_experience(self, exp):
+        if int(self.experiences_seen) > 1:  # the adapter is never trained again
+            self.adapted.requires_grad_(False)
+            self.first_head.requires_grad_(False)
+            return []
+        params = self.tuned_parameters()
+        for p in params:
+            p.requires_grad_(True)
+        self.first_head.requires_grad_(True)
+        return [{"params": params}, {"params": list(self.first_head.parameters())}]
+
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        logits = self.first_head(self.adapted(batch.x)).masked_fill(~self.current_mask, float("-inf"))
+        return F.cross_entropy(logits, batch.y)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """[frozen PTM feature, adapted feature]: the 2D-dimensional representation APER merges."""
+        return torch.cat([self.backbone(x).float(), self.adapted(x).float()], dim=1)
+
+    @torch.no_grad()
+    def end_experience(self, exp, loader) -> None:
+        self.adapted.requires_grad_(False)
+        self.eval()
+        device = self.prototypes.device
+        feats, labels = extract_features(self.features, exp.train, device=device,
+                                         input_size=self.backbone.input_size, in_chans=self.backbone.in_chans,
+                                         batch_size=self.h["eval_batch_size"])
+        means, counts = class_means(feats, labels, self.info.n_classes)
+        new = counts > 0
+        self.prototypes[new] = means[new]
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, task_id=None) -> torch.Tensor:
+        return F.normalize(self.features(x), dim=1) @ F.normalize(self.prototypes, dim=1).T
