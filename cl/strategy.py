@@ -3,6 +3,7 @@
     setup(backbone, info)              once
     begin_experience(exp)              add heads/adapters; return the parameter groups to optimise
     configure_optimizer(groups)        optional: the strategy's own optimiser (None: the trainer's default)
+    begin_epoch(epoch, n_epochs)       optional: per-epoch switches (LAE's frozen-PET warm-up epochs)
     train_step(batch) -> loss          one step's loss; the trainer does backward, autocast, clipping, step
     before_optimizer_step()            optional: edit gradients
     after_optimizer_step()             optional: EMA, pulls, restores, masks
@@ -74,6 +75,9 @@ class Strategy(nn.Module):
 
     def configure_optimizer(self, groups: Iterable[Any]) -> torch.optim.Optimizer | None:
         return None
+
+    def begin_epoch(self, epoch: int, n_epochs: int) -> None:
+        pass
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement train_step (or set uses_sgd = False)")

@@ -272,6 +272,7 @@ class Trainer:
         strategy.train()
         images, train_time, step = 0, 0.0, 0
         for epoch in range(c.epochs):
+            strategy.begin_epoch(epoch, c.epochs)
             running, count = torch.zeros((), device=self.device), 0
             t_epoch = time.perf_counter()
             for b, (x, y) in enumerate(loader):

@@ -47,6 +47,9 @@ class Recorder(Strategy):
         self.calls.append(("begin", exp.index, self.seen_mask.tolist()))
         return [{"params": [self.w]}]
 
+    def begin_epoch(self, epoch, n_epochs):
+        self.calls.append(("epoch", epoch, n_epochs))
+
     def configure_optimizer(self, groups):
         self.calls.append(("configure",))
         return torch.optim.SGD(groups, lr=0.1)
@@ -80,9 +83,10 @@ def test_hooks_are_called_in_order_and_every_step():
     Trainer(cfg()).fit(stream, s)
     kinds = [c[0] for c in s.calls]
     assert kinds[:2] == ["begin", "configure"]
-    # 8 samples / batch 4 = 2 steps per epoch, 2 epochs: 4 steps, each step -> before -> after
+    # 8 samples / batch 4 = 2 steps per epoch, 2 epochs: each epoch opens with begin_epoch, each step -> before -> after
     first_end = kinds.index("end")
-    assert kinds[2:first_end] == ["step", "before", "after"] * 4
+    assert kinds[2:first_end] == (["epoch"] + ["step", "before", "after"] * 2) * 2
+    assert [c for c in s.calls if c[0] == "epoch"][:2] == [("epoch", 0, 2), ("epoch", 1, 2)]
     assert s.calls[0][2] == [True, True, False, False]  # classes observed before begin_experience
     assert ("end", 1) in s.calls
 
