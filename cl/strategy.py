@@ -55,6 +55,9 @@ class Strategy(nn.Module):
     def setup(self, backbone: nn.Module, info: StreamInfo) -> None:
         self.backbone = backbone
         self.info = info
+        # The pre-trained model's own size, taken before any PEFT module is inserted into it: everything
+        # beyond it (adapters inside its blocks included) counts as added by the method.
+        self._base_backbone_params = sum(p.numel() for p in backbone.parameters())
         self.register_buffer("seen_mask", torch.zeros(info.n_classes, dtype=torch.bool))
         self.register_buffer("current_mask", torch.zeros(info.n_classes, dtype=torch.bool))
         self.register_buffer("experiences_seen", torch.zeros((), dtype=torch.long))
@@ -107,7 +110,7 @@ class Strategy(nn.Module):
         return logits.masked_fill(~self.seen_mask, float("-inf"))
 
     def backbone_params(self) -> int:
-        return sum(p.numel() for p in self.backbone.parameters()) if self.backbone is not None else 0
+        return getattr(self, "_base_backbone_params", 0)
 
     def added_params(self) -> int:
         """Parameters the method added on top of the backbone (heads, adapters, prototypes)."""

@@ -70,3 +70,6 @@ def _increments(cfg: dict) -> tuple[int, int]:
     if init_cls is None and increment is None:
         raise ConfigError("a class_il/task_il scenario needs 'init_cls' and 'increment' (classes per experience)")
     return (init_cls or increment), (increment or init_cls)
+
+
+from scenarios.fscil import build  # noqa: E402,F811  (adds kind: fscil; every other kind goes to the build above)

@@ -17,6 +17,9 @@ REGISTRY: dict[str, str] = {
     "simplecil": "strategies.simplecil:SimpleCIL",
     "adam": "strategies.adam:APER",
     "mos": "strategies.mos:MOS",
+    "lae": "strategies.lae:LAE",
+    "sema": "strategies.sema:SEMA",
+    "fsa": "strategies.fsa:FSA",
 }
 
 

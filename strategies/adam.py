@@ -31,7 +31,7 @@ PEFT_KINDS = ("adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune")
 
 class APER(Strategy):
     name = "adam"
-    supports = ("class_il", "task_il")
+    supports = ("class_il", "task_il", "fscil")
     forward_passes_per_test_image = 2
     stored_buffers = ("prototypes",)
 
