@@ -39,7 +39,11 @@ def build(cfg: Any, data_root: str | Path | None = None) -> Stream:
     cfg = as_dict(cfg)
     dataset = get_str(cfg, "dataset")
     kind = get_str(cfg, "kind", "class_il")
-    check_choice("scenario kind", kind, BUILD_KINDS)
+    check_choice("scenario kind", kind, (*BUILD_KINDS, "fscil"))
+    if kind == "fscil":  # a base session plus N-way K-shot sessions: its own builder
+        from scenarios.fscil import build_fscil
+
+        return build_fscil(cfg, data_root)
     loader = get_loader(dataset)
     name = get_str(cfg, "name", None) or dataset
     seed = get_int(cfg, "class_order_seed", DEFAULT_CLASS_ORDER_SEED)
@@ -71,5 +75,3 @@ def _increments(cfg: dict) -> tuple[int, int]:
         raise ConfigError("a class_il/task_il scenario needs 'init_cls' and 'increment' (classes per experience)")
     return (init_cls or increment), (increment or init_cls)
 
-
-from scenarios.fscil import build  # noqa: E402,F811  (adds kind: fscil; every other kind goes to the build above)

@@ -75,7 +75,6 @@ PROTOCOL_SOURCE = (
     "the CEC/FACT index lists: data/index_list/<dataset>/session_<k>.txt in icoz69/CEC-CVPR2021 "
     "(identical in zhoudw-zdw/CVPR22-Fact; aresPanos/fsa datasets/fscil/<dataset>/)"
 )
-_base_build = _scenarios.build  # the class_il / task_il / domain_il builder this module extends
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -300,17 +299,13 @@ def write_index_files(index_dir: str | Path, sessions: Sequence[Sequence[int]], 
 # ----------------------------------------------------------------------------------------------------------
 # `scenarios.build` for `kind: fscil`
 # ----------------------------------------------------------------------------------------------------------
-def build(cfg: Any, data_root: str | Path | None = None) -> Stream:
-    """`scenarios.build`: FSCIL streams here (`kind: fscil`), every other kind by the class/domain builders.
+def build_fscil(cfg: Any, data_root: str | Path | None = None) -> Stream:
+    """The `kind: fscil` stream a scenario config describes (`scenarios.build` dispatches here).
 
     Config (`scenario:`): `dataset`, `name`, `fscil: {base_classes, ways, shots, sessions, index_dir, seed}`,
     `shuffle` (default false: natural class order), `class_order_seed`, `limit_per_class`, plus the dataset's own
     fields. Names and numbers are checked before any data is read."""
     cfg = as_dict(cfg)
-    kind = get_str(cfg, "kind", "class_il")
-    if kind != KIND:
-        check_choice("scenario kind", kind, (*_scenarios.BUILD_KINDS, KIND))
-        return _base_build(cfg, data_root)
     dataset = get_str(cfg, "dataset")
     loader = get_loader(dataset)
     name = get_str(cfg, "name", None) or dataset
