@@ -1,4 +1,14 @@
-"""Errors a user can fix. `run.py` prints them as one `error: ...` line (plus a tree, for data) and no traceback."""
+"""Errors a user can fix. `run.py` prints them as one `error: ...` line (plus a tree, for data) and no traceback.
+
+Exit codes of `python run.py` (documented in docs/architecture.md §7):
+    0   finished (or stopped by `trainer.stop_after`, or reloaded)
+    2   a `ClbenchError` or a non-finite loss: one `error: ...` line on stderr, nothing half-written
+    75  interrupted by SIGTERM, SIGINT or SIGUSR2: the state was checkpointed; the same command resumes
+        (75 is sysexits' EX_TEMPFAIL, "temporary failure, retry")
+"""
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 75
 
 
 class ClbenchError(Exception):
@@ -22,3 +32,39 @@ class MissingExtraError(ClbenchError):
 
     def __init__(self, package: str, extra: str):
         super().__init__(f"this feature needs '{package}': install it with  pip install -e .[{extra}]")
+
+
+class ResultsError(ClbenchError):
+    """The run directory cannot be written (not writable, disk full) or is in use by another process."""
+
+
+class RunLockedError(ResultsError):
+    """Another live process holds the run directory's lock."""
+
+
+class RunInterrupted(Exception):
+    """A stop signal arrived; the run checkpointed at a step boundary and stops. Not an error: exit code 75.
+
+    The trainer raises it with `state` (what a mid-experience checkpoint needs); `run_experiment` saves that
+    state, fills in `checkpoint`, drops `state` and re-raises it to the caller.
+    """
+
+    def __init__(self, signal_name: str, experience: int, epoch: int | None = None, batch: int | None = None,
+                 state: dict | None = None):
+        self.signal_name, self.experience, self.epoch, self.batch = signal_name, experience, epoch, batch
+        self.state = state
+        self.checkpoint: str | None = None
+        self.run_dir: str | None = None
+        super().__init__(signal_name)
+
+    n_experiences: int | None = None
+
+    def __str__(self) -> str:
+        of = f"/{self.n_experiences}" if self.n_experiences else ""
+        if self.epoch is not None:
+            where = f"in experience {self.experience + 1}{of} (index {self.experience}), epoch {self.epoch}, " \
+                    f"after batch {self.batch}"
+        else:
+            where = f"before experience {self.experience + 1}{of} (index {self.experience})"
+        saved = f"state saved to {self.checkpoint}" if self.checkpoint else "nothing to save yet"
+        return f"interrupted by {self.signal_name} {where}: {saved}; run the same command to resume"

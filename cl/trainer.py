@@ -7,16 +7,24 @@ Per experience i:
     strategy.end_experience(exp, loader)
     evaluate every seen experience in one pass over the union of their test sets, then split per experience
     checkpoint, then the `experience_end` event
+
+Interruption: `Trainer.should_stop()` (set by `run_experiment` from its signal handlers) is polled before each
+experience and after each optimiser step. When it names a signal, the trainer raises `RunInterrupted`; inside the
+SGD loop the exception carries the state a mid-experience checkpoint needs (`_TrainPosition`), and
+`fit(..., resume=that state)` continues from exactly there: same epoch, the same seeded batch order with the consumed
+batches skipped, optimiser, scheduler and RNG states restored.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import random
 import resource
 import sys
 import time
+import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -24,18 +32,21 @@ import torch
 from torch.utils.data import ConcatDataset
 
 from .data import make_loader, to_model_input
-from .errors import ConfigError
+from .errors import ConfigError, RunInterrupted
 from .progress import progress_bar
 from .strategy import Batch, Strategy
 from .stream import Stream
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 class NonFiniteLossError(RuntimeError):
-    def __init__(self, experience: int, epoch: int, step: int, value: float):
-        super().__init__(f"non-finite loss ({value}) at experience {experience}, epoch {epoch}, step {step}: "
+    def __init__(self, experience: int, epoch: int, step: int, value: float, every: int = 1):
+        seen = (f" (the loss is read back every {every} steps: it turned non-finite at most {every - 1} steps earlier)"
+                if every > 1 else "")
+        super().__init__(f"non-finite loss ({value}) at experience {experience}, epoch {epoch}, step {step}{seen}: "
                          f"lower the learning rate or enable trainer.clip_grad_norm")
         self.experience, self.epoch, self.step = experience, epoch, step
 
@@ -61,6 +72,7 @@ class TrainerConfig:
     progress: bool = True
     stop_after: int | None = None  # stop (resumably) after this many experiences in this process
     keep_checkpoints: int = 2
+    deterministic: bool = False  # torch.use_deterministic_algorithms (warn_only) + CUBLAS_WORKSPACE_CONFIG, for GPUs
     seed: int = 0
 
     @classmethod
@@ -68,15 +80,48 @@ class TrainerConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(cfg) - known)
         if unknown:
-            raise ConfigError(f"unknown trainer field(s) {unknown}: valid fields are {sorted(known)}")
-        tc = cls(**dict(cfg))
-        if tc.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown trainer.optimizer '{tc.optimizer}': expected one of {OPTIMIZERS}")
-        if tc.scheduler not in SCHEDULERS:
-            raise ConfigError(f"unknown trainer.scheduler '{tc.scheduler}': expected one of {SCHEDULERS}")
-        if tc.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"unknown trainer.precision '{tc.precision}': expected auto, bf16 or fp32")
+            close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+            hint = f" (did you mean 'trainer.{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown trainer field {unknown[0]!r}{hint}: valid fields are {', '.join(sorted(known))}")
+        values = {f.name: _check_field_type(f, cfg[f.name]) for f in fields(cls) if f.name in cfg}
+        tc = cls(**values)
+        for name, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("precision", PRECISIONS)):
+            value = getattr(tc, name)
+            if value not in choices:
+                close = difflib.get_close_matches(str(value), choices, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"unknown trainer.{name} {value!r}{hint}: expected one of {', '.join(choices)}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+            if getattr(tc, name) < 1:
+                raise ConfigError(f"trainer.{name} must be at least 1, got {getattr(tc, name)}")
+        for name in ("limit_train_batches", "stop_after"):
+            if getattr(tc, name) is not None and getattr(tc, name) < 1:
+                raise ConfigError(f"trainer.{name} must be at least 1 or null, got {getattr(tc, name)}")
+        if tc.num_workers < 0 or tc.keep_checkpoints < 0:
+            raise ConfigError("trainer.num_workers and trainer.keep_checkpoints cannot be negative")
         return tc
+
+
+_FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _check_field_type(f, value: Any) -> Any:
+    """The value as the field's declared type (`int`, `float | None`, ...), or a one-line `ConfigError`."""
+    names = [t.strip() for t in str(f.type).split("|")]
+    optional = "None" in names
+    base = _FIELD_TYPES[next(t for t in names if t != "None")]
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"trainer.{f.name} cannot be null: give a {base.__name__}")
+    ok = (isinstance(value, bool) if base is bool else
+          isinstance(value, int) and not isinstance(value, bool) if base is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if base is float else
+          isinstance(value, str))
+    if not ok:
+        kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[base]
+        raise ConfigError(f"trainer.{f.name} must be {kind}{' or null' if optional else ''}, got {value!r}")
+    return float(value) if base is float else value
 
 
 def resolve_device(name: str) -> torch.device:
@@ -150,6 +195,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.on_experience_end = on_experience_end
         self.log = log or (lambda event, **kw: None)
+        # Polled at step and experience boundaries; returns the name of a pending stop signal, or None.
+        self.should_stop: Callable[[], str | None] = lambda: None
 
     # --- precision -----------------------------------------------------------------------------
     @property
@@ -165,8 +212,12 @@ class Trainer:
 
     # --- the loop --------------------------------------------------------------------------------
     def fit(self, stream: Stream, strategy: Strategy, history: History | None = None, start: int = 0,
-            ) -> History:
+            resume: Mapping[str, Any] | None = None) -> History:
+        """Trains and evaluates experiences `start..`; `resume` (the `state` of a `RunInterrupted` raised inside
+        experience `start`) continues that experience from its step instead of from its beginning."""
         history = history or History()
+        if resume is not None and int(resume["experience"]) != start:
+            raise ValueError(f"a mid-experience state for experience {resume['experience']} cannot resume at {start}")
         strategy.to(self.device)
         n = len(stream)
         if self.cfg.eval_future and history.initial_accuracy is None:
@@ -175,9 +226,14 @@ class Trainer:
             history.test_counts = counts
         stop_at = n if self.cfg.stop_after is None else min(n, start + self.cfg.stop_after)
         for i in range(start, stop_at):
+            signal_name = self.should_stop()
+            if signal_name:
+                raise RunInterrupted(signal_name, experience=i)
             exp = stream[i]
-            self.log("experience_start", experience=i, classes=list(exp.classes))
-            t0 = time.perf_counter()
+            here = resume if i == start else None
+            self.log("experience_start", experience=i, classes=list(exp.classes),
+                     **({"resumed_at": {"epoch": int(here["epoch"]), "batch": int(here["batch"])}} if here else {}))
+            t0 = time.perf_counter() - (float(here["wall_s"]) if here else 0.0)
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             strategy.observe_classes(exp)
@@ -194,7 +250,7 @@ class Trainer:
             else:
                 adapt_time = None
                 trainable = count_trainable(groups)
-                train_time, train_images = self._learn(stream, strategy, groups, i)
+                train_time, train_images = self._learn(stream, strategy, groups, i, here, t0)
 
                 upto = n - 1 if self.cfg.eval_future else i
                 t = time.perf_counter()
@@ -226,7 +282,8 @@ class Trainer:
                 self.on_experience_end(i, strategy, history)
         return history
 
-    def _learn(self, stream: Stream, strategy: Strategy, groups: list, i: int) -> tuple[float, int]:
+    def _learn(self, stream: Stream, strategy: Strategy, groups: list, i: int,
+               resume: Mapping[str, Any] | None = None, t0: float = 0.0) -> tuple[float, int]:
         """The training phase of experience i: SGD epochs, or the strategy's own fit; then end_experience."""
         exp = stream[i]
         train_data = strategy.training_data(stream[: i + 1])
@@ -234,7 +291,8 @@ class Trainer:
                              seed=self.cfg.seed * 1000 + i, num_workers=self.cfg.num_workers,
                              pin_memory=self.device.type == "cuda")
         if strategy.uses_sgd:
-            train_time, train_images = self._train_sgd(strategy, groups, loader, i, len(stream), exp.task_id)
+            train_time, train_images = self._train_sgd(strategy, groups, loader, i, len(stream), exp.task_id,
+                                                       resume=resume, t0=t0)
         else:
             t = time.perf_counter()
             strategy.fit_experience(exp, loader, self.device)
@@ -258,7 +316,7 @@ class Trainer:
         return cls(groups, lr=c.lr, weight_decay=c.weight_decay)
 
     def _train_sgd(self, strategy: Strategy, groups: list, loader, index: int, n_exp: int, task_id: int,
-                   ) -> tuple[float, int]:
+                   resume: Mapping[str, Any] | None = None, t0: float = 0.0) -> tuple[float, int]:
         c = self.cfg
         optimizer = self._make_optimizer(strategy, groups)
         if optimizer is None:
@@ -271,11 +329,37 @@ class Trainer:
         size, chans = strategy.backbone.input_size, strategy.backbone.in_chans
         strategy.train()
         images, train_time, step = 0, 0.0, 0
-        for epoch in range(c.epochs):
+        first_epoch = 0
+        if resume is not None:
+            first_epoch = int(resume["epoch"])
+            images, train_time, step = int(resume["images"]), float(resume["train_s"]), int(resume["step"])
+            bar.update(step)
+        generator = loader.generator
+        for epoch in range(first_epoch, c.epochs):
             strategy.begin_epoch(epoch, c.epochs)
             running, count = torch.zeros((), device=self.device), 0
+            skip = 0
+            if resume is not None:
+                # Back to the seeded order of this epoch, past the batches already trained on, then the exact
+                # state after the last of them (the RNG last: skipping may draw augmentations).
+                if generator is not None and resume.get("loader_generator") is not None:
+                    generator.set_state(resume["loader_generator"])
+                skip = int(resume["batch"])
+                running += float(resume["running_loss"])
+                count = int(resume["count"])
+            epoch_order = generator.get_state() if generator is not None else None
             t_epoch = time.perf_counter()
-            for b, (x, y) in enumerate(loader):
+            batches = iter(loader)
+            if resume is not None:
+                _skip_batches(batches, skip)
+                strategy.load_state_dict(resume["strategy"])
+                optimizer.load_state_dict(resume["optimizer"])
+                if scheduler is not None and resume.get("scheduler") is not None:
+                    scheduler.load_state_dict(resume["scheduler"])
+                set_rng_state(resume["rng"])
+                strategy.train()
+                resume = None
+            for b, (x, y) in enumerate(batches, start=skip):
                 if b >= steps_per_epoch:
                     break
                 batch = Batch(to_model_input(x, size, chans, self.device), y.to(self.device, non_blocking=True),
@@ -298,10 +382,27 @@ class Trainer:
                     mean = (running / count).item()  # the only host sync, every log_every steps
                     if not math.isfinite(mean):
                         bar.close()
-                        raise NonFiniteLossError(index, epoch, step, mean)
+                        raise NonFiniteLossError(index, epoch, step, mean, every=c.log_every)
                     elapsed = train_time + time.perf_counter() - t_epoch
                     bar.set_postfix(epoch=f"{epoch + 1}/{c.epochs}", loss=f"{mean:.4f}",
                                     img_s=f"{images / max(elapsed, 1e-9):.0f}")
+                signal_name = self.should_stop()
+                if signal_name:
+                    bar.close()
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    now = time.perf_counter()
+                    state = {
+                        "experience": index, "epoch": epoch, "batch": b + 1, "step": step, "images": images,
+                        "count": count, "running_loss": float(running.item()),
+                        "train_s": train_time + now - t_epoch, "wall_s": now - t0,
+                        "loader_generator": epoch_order,
+                        "strategy": strategy.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "rng": rng_state(),
+                    }
+                    raise RunInterrupted(signal_name, experience=index, epoch=epoch, batch=b + 1, state=state)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             train_time += time.perf_counter() - t_epoch
@@ -309,7 +410,11 @@ class Trainer:
             self.log("epoch_end", experience=index, epoch=epoch, loss=epoch_loss,
                      lr=optimizer.param_groups[0]["lr"], images_per_s=images / max(train_time, 1e-9))
             if scheduler is not None:
-                scheduler.step()
+                with warnings.catch_warnings():
+                    # Resumed exactly at an epoch's end, no optimizer.step() precedes this one in this process;
+                    # the restored state makes the step correct, so torch's order warning is noise.
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                    scheduler.step()
         bar.close()
         strategy.eval()
         return train_time, images
@@ -388,6 +493,20 @@ class Trainer:
         acc = (correct.cpu().double() / cnt * 100).tolist()
         acc_task = (correct_task.cpu().double() / cnt * 100).tolist()
         return acc, acc_task, counts
+
+
+def _skip_batches(batches, n: int) -> None:
+    """Advances a fresh loader iterator past `n` batches of its order. In-process loading draws only the indices
+    (nothing is decoded); with workers the batches are loaded and dropped, so each worker's RNG stays in step."""
+    if n <= 0:
+        return
+    next_index = getattr(batches, "_next_index", None)
+    if next_index is not None and getattr(batches, "_num_workers", None) == 0:
+        for _ in range(n):
+            next_index()
+        return
+    for _ in range(n):
+        next(batches)
 
 
 def stream_task_ids(exps, ids: torch.Tensor) -> torch.Tensor:

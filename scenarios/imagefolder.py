@@ -2,12 +2,20 @@
 
 `read_imagefolder_split` checks a whole `root/train` + `root/test` copy before any training starts, so a missing or
 damaged dataset fails in seconds with the expected layout and where the data comes from, not hours into a run.
+
+Damaged images (empty, unreadable, truncated) follow `scenario.bad_images`: `fail` (the default) stops with the
+first one named, `skip` leaves them out at scan time and reports each one (`BadImageReport`, recorded in the
+result's `data_warnings` by `cl/experiment.py`). Never silently: a file that decodes badly later, during training,
+is a `DatasetError` naming it.
 """
 from __future__ import annotations
 
 import copy
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +29,47 @@ from cl.errors import ConfigError, DatasetError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 AUGMENTS = ("pilot", "none")
 SPLITS = ("train", "test")
+BAD_IMAGE_POLICIES = ("fail", "skip")
+
+
+@dataclass
+class BadImageReport:
+    """The damaged image files a `skip` policy left out: (path, problem) pairs, in scan order."""
+
+    policy: str = "fail"
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_warnings(self) -> list[dict]:
+        """For the result's `data_warnings`: one entry with the count and every skipped file."""
+        if not self.skipped:
+            return []
+        first, why = self.skipped[0]
+        return [{
+            "type": "skipped_images",
+            "policy": self.policy,
+            "count": len(self.skipped),
+            "files": [{"path": path, "problem": problem} for path, problem in self.skipped],
+            "message": (f"{len(self.skipped)} empty, unreadable or truncated image file(s) were left out "
+                        f"(scenario.bad_images=skip); first: {first} ({why}); all are listed in the result's "
+                        f"data_warnings"),
+        }]
+
+
+_ACTIVE_POLICY: ContextVar[BadImageReport | None] = ContextVar("bad_images_policy", default=None)
+
+
+@contextmanager
+def bad_images_policy(policy: str):
+    """The policy for every `read_imagefolder_split` in the block (dataset loaders need not pass it through);
+    yields the `BadImageReport` that collects what `skip` left out."""
+    if policy not in BAD_IMAGE_POLICIES:
+        raise ConfigError(f"unknown scenario.bad_images '{policy}': expected one of {', '.join(BAD_IMAGE_POLICIES)}")
+    report = BadImageReport(policy)
+    token = _ACTIVE_POLICY.set(report)
+    try:
+        yield report
+    finally:
+        _ACTIVE_POLICY.reset(token)
 
 
 def pilot_train_transform(image_size: int) -> v2.Compose:
@@ -99,8 +148,14 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for damaged data
+            raise DatasetError(
+                f"{path}: cannot decode this image ({type(e).__name__}: {e}); it is damaged in a way the start-up "
+                "check did not see, or changed since: replace or delete it and run the same command to resume"
+            ) from None
         return self.transform(rgb), int(label)
 
     @property
@@ -124,12 +179,19 @@ def read_imagefolder_split(
     augment: str = "pilot",
     name: str = "dataset",
     source_hint: str = "",
+    bad_images: str | None = None,
 ) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     """(train, test) from `root/train` and `root/test`, after checking the copy is complete and readable.
 
     Raises `DatasetError` naming the fix: missing folders (with the expected tree), wrong class count,
-    train/test class folders that differ, class folders without images, empty or unreadable image files.
+    train/test class folders that differ, class folders without images, empty, unreadable or truncated image files.
+    `bad_images` (`fail`/`skip`; default: the enclosing `bad_images_policy`, else `fail`) decides what damaged
+    files do; skipped ones are listed in `dataset.skipped_files` and in the active `BadImageReport`.
     """
+    report = _ACTIVE_POLICY.get()
+    policy = bad_images or (report.policy if report is not None else "fail")
+    if policy not in BAD_IMAGE_POLICIES:
+        raise ConfigError(f"{name}: bad_images={policy!r} is not supported; use one of {', '.join(BAD_IMAGE_POLICIES)}")
     if augment not in AUGMENTS:
         raise ConfigError(f"{name}: augment={augment!r} is not supported; use one of {', '.join(AUGMENTS)}")
     root = Path(root).absolute()
@@ -144,11 +206,31 @@ def read_imagefolder_split(
         _check_class_count(name, root / split, len(index), expected_classes, tree)
     _check_same_classes(name, root, indexes["train"], indexes["test"])
     _check_no_empty_classes(name, root, indexes)
-    _check_files_readable(name, [p for index in indexes.values() for files in index.values() for p in files])
-    return (
-        ImageFolderDataset(root / "train", image_size, train=True, augment=augment, index=indexes["train"]),
-        ImageFolderDataset(root / "test", image_size, train=False, augment=augment, index=indexes["test"]),
-    )
+    paths = [p for index in indexes.values() for files in index.values() for p in files]
+    bad = _damaged_files(paths)
+    if bad and policy == "fail":
+        first, why = bad[0]
+        raise DatasetError(
+            f"{name}: {len(bad)} of {len(paths)} image files are empty or unreadable; first: {first} ({why}); "
+            "re-download or re-extract the dataset (or delete the damaged files), or set scenario.bad_images=skip "
+            "to leave them out (they are then listed in the result's data_warnings)"
+        )
+    if bad:
+        dropped = {p for p, _ in bad}
+        indexes = {split: {cls: [p for p in files if p not in dropped] for cls, files in index.items()}
+                   for split, index in indexes.items()}
+        if report is not None:
+            report.skipped.extend(bad)
+        _check_no_empty_classes(name, root, indexes)
+    train = ImageFolderDataset(root / "train", image_size, train=True, augment=augment, index=indexes["train"])
+    test = ImageFolderDataset(root / "test", image_size, train=False, augment=augment, index=indexes["test"])
+    train.skipped_files = [(p, why) for p, why in bad if _under(p, root / "train")]
+    test.skipped_files = [(p, why) for p, why in bad if _under(p, root / "test")]
+    return train, test
+
+
+def _under(path: str, folder: Path) -> bool:
+    return path.startswith(str(folder) + os.sep)
 
 
 def expected_tree(root: Path, expected_classes: int | None, source_hint: str) -> str:
@@ -198,32 +280,44 @@ def _check_no_empty_classes(name: str, root: Path, indexes: dict[str, dict]) -> 
         )
 
 
-def _check_files_readable(name: str, paths: list[str]) -> None:
-    """Every file non-empty and with an image header PIL recognises (no full decode: cheap on 100k files)."""
+def _damaged_files(paths: list[str]) -> list[tuple[str, str]]:
+    """(path, problem) for every file that is empty, has no image header PIL recognises, or is truncated.
+
+    Cheap on 100k files: the header is read, and the last bytes are compared with the format's end marker (JPEG's
+    EOI, PNG's IEND); only a file that does not end with it (or another format) is fully decoded to decide."""
     Image.init()  # register PIL's plugins once, before the threads use them
     if len(paths) > 256:
         with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
             problems = list(pool.map(_file_problem, paths))
     else:
         problems = [_file_problem(p) for p in paths]
-    bad = [(p, why) for p, why in zip(paths, problems) if why]
-    if bad:
-        first, why = bad[0]
-        raise DatasetError(
-            f"{name}: {len(bad)} of {len(paths)} image files are empty or unreadable; first: {first} ({why}); "
-            "re-download or re-extract the dataset (or delete the damaged files)"
-        )
+    return [(p, why) for p, why in zip(paths, problems) if why]
 
 
 def _file_problem(path: str) -> str | None:
     try:
         if os.path.getsize(path) == 0:
             return "0 bytes"
-        with Image.open(path) as image:
-            image.size
-    except Exception as e:  # noqa: BLE001 - any failure to open means the file is unusable
+        with open(path, "rb") as f:
+            with Image.open(f) as image:
+                image.size
+                fmt = image.format
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 64))
+            tail = f.read()
+        if not _ends_complete(fmt, tail):
+            with Image.open(path) as image:
+                image.load()  # the full decode decides: trailing bytes are fine, missing ones are not
+    except Exception as e:  # noqa: BLE001 - any failure to open or decode means the file is unusable
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def _ends_complete(fmt: str | None, tail: bytes) -> bool:
+    if fmt == "JPEG":
+        return tail.rstrip(b"\x00 \t\r\n").endswith(b"\xff\xd9")
+    if fmt == "PNG":
+        return b"IEND" in tail[-12:]
+    return False  # other formats: always decoded
 
 
 def _some(names: list[str], limit: int = 5) -> str:
