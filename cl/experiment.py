@@ -365,6 +365,7 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
         run.dir.remove_partial()  # the experience is complete: its own checkpoint supersedes the partial one
         status = "finished" if i + 1 == len(stream) else "partial"
         run.interruption = None
+        run.meta["strategy_info"] = dict(strat.describe())  # what the method grew (SEMA's experts, ...) so far
         run.dir.write_result(run.result(hist, status))
         run.dir.log_event("experience_end", experience=i, accuracy=hist.acc_matrix[-1][: i + 1],
                           wall_s=hist.costs[-1]["wall_s"])

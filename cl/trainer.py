@@ -20,7 +20,6 @@ import difflib
 import math
 import random
 import resource
-import sys
 import time
 import warnings
 from contextlib import nullcontext

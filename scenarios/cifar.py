@@ -8,7 +8,6 @@ items go through the same PILOT transforms as the ImageFolder benchmarks (PILOT'
 """
 from __future__ import annotations
 
-import copy
 import pickle
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from cl.errors import ConfigError, DatasetError
-from scenarios.imagefolder import AUGMENTS, eval_transform, pilot_train_transform
+from scenarios.imagefolder import AUGMENTS, PilotTransformed, eval_transform, pilot_train_transform
 
 CIFAR100_FOLDER = "cifar-100-python"
 CIFAR100_FILES = ("train", "test", "meta")
@@ -87,7 +85,7 @@ def safe_load(path: str | Path) -> Any:
         ) from None
 
 
-class CifarDataset(Dataset):
+class CifarDataset(PilotTransformed):
     """`(x, y)` from a uint8 [N, 3, 32, 32] tensor, each image through PILOT's transform as a PIL image.
 
     `train=True` with `augment="pilot"` applies the random crop and flip; otherwise the eval transform.
@@ -126,18 +124,6 @@ class CifarDataset(Dataset):
         pixels = np.ascontiguousarray(self.images[i].numpy().transpose(1, 2, 0))  # HWC for PIL
         return self.transform(Image.fromarray(pixels)), int(self.targets[i])
 
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return (3, self.image_size, self.image_size)
-
-    def eval_view(self) -> "CifarDataset":
-        """The same images (shared tensor) with the eval transform."""
-        if not (self.train and self.augment == "pilot"):
-            return self
-        view = copy.copy(self)
-        view.train = False
-        view.transform = eval_transform(self.image_size)
-        return view
 
 
 def cifar100_tree(folder: Path) -> str:

@@ -64,7 +64,7 @@ from scenarios.builders import (
     _targets,
     class_order,
 )
-from scenarios.config import as_dict, check_choice, get_bool, get_int, get_str
+from scenarios.config import as_dict, get_bool, get_int, get_str
 from scenarios.in_memory import input_shape_of
 from scenarios.registry import get_loader, resolve_data_root
 from scenarios.subset import TargetSubset

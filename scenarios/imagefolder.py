@@ -111,7 +111,29 @@ def scan_class_folders(root: str | Path) -> dict[str, list[str]]:
     return index
 
 
-class ImageFolderDataset(Dataset):
+class PilotTransformed(Dataset):
+    """Images that go through PILOT's train or eval transform: the item shape and the eval view are shared
+    (ImageFolder trees and CIFAR-100 alike). Subclasses set `image_size`, `train`, `augment` and `transform`."""
+
+    image_size: int
+    train: bool
+    augment: str
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
+
+    def eval_view(self) -> "PilotTransformed":
+        """The same samples (shared storage) with the eval transform."""
+        if not (self.train and self.augment == "pilot"):
+            return self
+        view = copy.copy(self)
+        view.train = False
+        view.transform = eval_transform(self.image_size)
+        return view
+
+
+class ImageFolderDataset(PilotTransformed):
     """Images under `root/<class_name>/`, labelled 0..K-1 by sorted folder name, decoded on access.
 
     `train=True` with `augment="pilot"` applies PILOT's random crop and flip; otherwise the eval transform.
@@ -158,18 +180,6 @@ class ImageFolderDataset(Dataset):
             ) from None
         return self.transform(rgb), int(label)
 
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return (3, self.image_size, self.image_size)
-
-    def eval_view(self) -> "ImageFolderDataset":
-        """The same samples (shared lists) with the eval transform."""
-        if not (self.train and self.augment == "pilot"):
-            return self
-        view = copy.copy(self)
-        view.train = False
-        view.transform = eval_transform(self.image_size)
-        return view
 
 
 def read_imagefolder_split(

@@ -7,7 +7,6 @@ training on the same data gives. `reset: false` keeps training the previous mode
 """
 from __future__ import annotations
 
-import copy
 
 from torch.utils.data import ConcatDataset
 

@@ -144,7 +144,7 @@ def test_module_input_names_and_functional_call_on_cpu():
     assert not any(t.requires_grad for t in mt.offline.values())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none); the same MeanTeacher is tested on the CPU above")
 def test_update_and_restore_on_cuda():
     online = [torch.randn(100_000, device="cuda")]
     source = online[0].clone()

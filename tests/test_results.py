@@ -1,6 +1,5 @@
 import json
 
-import pytest
 import torch
 
 from cl.results import RunDir, config_hash, finished_indices, matrix_csv
