@@ -68,3 +68,14 @@ class RunInterrupted(Exception):
             where = f"before experience {self.experience + 1}{of} (index {self.experience})"
         saved = f"state saved to {self.checkpoint}" if self.checkpoint else "nothing to save yet"
         return f"interrupted by {self.signal_name} {where}: {saved}; run the same command to resume"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss turned NaN/inf: the run stops, keeps every finished experience and records the failure."""
+
+    def __init__(self, experience: int, epoch: int, step: int, value: float, every: int = 1):
+        seen = (f" (the loss is read back every {every} steps: it turned non-finite at most {every - 1} steps earlier)"
+                if every > 1 else "")
+        super().__init__(f"non-finite loss ({value}) at experience {experience}, epoch {epoch}, step {step}{seen}: "
+                         f"lower the learning rate or enable trainer.clip_grad_norm")
+        self.experience, self.epoch, self.step = experience, epoch, step

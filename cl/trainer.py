@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import ConcatDataset
 
 from .data import make_loader, to_model_input
-from .errors import ConfigError, RunInterrupted
+from .errors import ConfigError, NonFiniteLossError, RunInterrupted  # noqa: F401  (re-exported)
 from .progress import progress_bar
 from .strategy import Batch, Strategy
 from .stream import Stream
@@ -39,15 +39,6 @@ from .stream import Stream
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
-
-
-class NonFiniteLossError(RuntimeError):
-    def __init__(self, experience: int, epoch: int, step: int, value: float, every: int = 1):
-        seen = (f" (the loss is read back every {every} steps: it turned non-finite at most {every - 1} steps earlier)"
-                if every > 1 else "")
-        super().__init__(f"non-finite loss ({value}) at experience {experience}, epoch {epoch}, step {step}{seen}: "
-                         f"lower the learning rate or enable trainer.clip_grad_norm")
-        self.experience, self.epoch, self.step = experience, epoch, step
 
 
 @dataclass

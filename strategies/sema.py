@@ -405,7 +405,7 @@ class SEMA(Strategy):
     def _check_finite(self, mean: torch.Tensor, epoch: int, desc: str) -> None:
         value = float(mean)
         if not math.isfinite(value):
-            from cl.trainer import NonFiniteLossError  # the run is then marked failed, as for SGD strategies
+            from cl.errors import NonFiniteLossError  # the run is then marked failed, as for SGD strategies
 
             raise NonFiniteLossError(int(self.experiences_seen) - 1, epoch, 0, value)
 
