@@ -321,17 +321,21 @@ class SEMA(Strategy):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs), eta_min=self.h["min_lr"])
         return opt, sched
 
+    def _begin_phase(self, params: list[nn.Parameter], lr: float, epochs: int, loader, desc: str):
+        """Shared set-up of a training phase: unfreeze and record `params`, optimiser, step count, progress bar."""
+        for p in params:
+            p.requires_grad_(True)
+            self._trained[id(p)] = p.numel()
+        opt, sched = self._optimizer(params, lr, epochs)
+        steps = self._steps(loader)
+        return opt, sched, steps, progress_bar(total=epochs * steps, desc=desc, enabled=self.show_progress)
+
     def _train_functional(self, loader, device, params: list[nn.Parameter], desc: str) -> None:
         """CE over the current task's classes (older logits -inf) for `func_epoch` epochs on `params`."""
         epochs = int(self.h["func_epoch"])
         if epochs == 0 or not params:
             return
-        for p in params:
-            p.requires_grad_(True)
-            self._trained[id(p)] = p.numel()
-        opt, sched = self._optimizer(params, self.h["func_lr"], epochs)
-        steps = self._steps(loader)
-        bar = progress_bar(total=epochs * steps, desc=desc, enabled=self.show_progress)
+        opt, sched, steps, bar = self._begin_phase(params, self.h["func_lr"], epochs, loader, desc)
         size, chans = self.backbone.input_size, self.backbone.in_chans
         try:
             for epoch in range(epochs):
@@ -364,12 +368,7 @@ class SEMA(Strategy):
         epochs = int(self.h["rd_epoch"])
         if epochs == 0 or not params:
             return
-        for p in params:
-            p.requires_grad_(True)
-            self._trained[id(p)] = p.numel()
-        opt, sched = self._optimizer(params, self.h["rd_lr"], epochs)
-        steps = self._steps(loader)
-        bar = progress_bar(total=epochs * steps, desc=desc, enabled=self.show_progress)
+        opt, sched, steps, bar = self._begin_phase(params, self.h["rd_lr"], epochs, loader, desc)
         size, chans = self.backbone.input_size, self.backbone.in_chans
         last = max(slots, key=lambda s: self.slots.index(s))
         for s in slots:
