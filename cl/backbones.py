@@ -25,7 +25,10 @@ NORMALIZATIONS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
-SOURCES = ("timm",)
+# Backbone sources: "module:function(cfg) -> Backbone", imported lazily (each source is an optional extra).
+SOURCES: dict[str, str] = {
+    "timm": "cl.backbones:build_timm",
+}
 
 
 class Backbone(nn.Module):
@@ -176,9 +179,16 @@ def _timm_model(cfg: Mapping[str, Any]) -> tuple[nn.Module, str, bool]:
 
 def build(cfg: Mapping[str, Any]) -> Backbone:
     """Builds the backbone a `configs/backbone/*.yaml` describes."""
+    from .lazy import load
+
     source = cfg.get("source", "timm")
     if source not in SOURCES:
-        raise ConfigError(f"unknown backbone source '{source}': expected one of {SOURCES}")
+        raise ConfigError(f"unknown backbone source '{source}': expected one of {tuple(SOURCES)}")
+    return load(SOURCES[source])(cfg)
+
+
+def build_timm(cfg: Mapping[str, Any]) -> Backbone:
+    """A timm model (features only) from a weights file, the local cache, or random init."""
     normalize = cfg.get("normalize", "none")
     if normalize not in NORMALIZATIONS:
         raise ConfigError(f"unknown backbone.normalize '{normalize}': expected one of {tuple(NORMALIZATIONS)}")

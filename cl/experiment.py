@@ -80,6 +80,10 @@ def _square(matrix: list[list[float | None]]) -> list[list[float]]:
     return [[v if v is not None else float("nan") for v in row[:k]] for row in matrix]
 
 
+# Kinds whose headline metrics are their own: "module:function(history) -> dict", imported when used.
+KIND_METRICS: dict[str, str] = {}
+
+
 def compute_metrics(history: History, kind: str) -> dict:
     """The headline metrics on the experiences finished so far (percent).
 
@@ -90,6 +94,10 @@ def compute_metrics(history: History, kind: str) -> dict:
     k = len(history.acc_matrix)
     if k == 0:
         return {}
+    if kind in KIND_METRICS:
+        from .lazy import load
+
+        return load(KIND_METRICS[kind])(history)
     if kind == "tta":  # scored online, one domain at a time: the diagonal is all there is
         online = [history.acc_matrix[i][i] for i in range(k)]
         return {"online_acc_per_experience": online, "error_per_experience": [100 - a for a in online],

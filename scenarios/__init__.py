@@ -25,6 +25,10 @@ from scenarios.datasets import (
 from scenarios.registry import DATASETS, LoadedData, get_loader, register_dataset, resolve_data_root
 
 BUILD_KINDS = ("class_il", "task_il", "domain_il")
+# Kinds with a builder of their own: "module:function(cfg, data_root) -> Stream", imported when used.
+KIND_BUILDERS: dict[str, str] = {
+    "fscil": "scenarios.fscil:build_fscil",
+}
 DEFAULT_CLASS_ORDER_SEED = 1993  # the PILOT family's seed
 
 __all__ = [
@@ -39,11 +43,11 @@ def build(cfg: Any, data_root: str | Path | None = None) -> Stream:
     cfg = as_dict(cfg)
     dataset = get_str(cfg, "dataset")
     kind = get_str(cfg, "kind", "class_il")
-    check_choice("scenario kind", kind, (*BUILD_KINDS, "fscil"))
-    if kind == "fscil":  # a base session plus N-way K-shot sessions: its own builder
-        from scenarios.fscil import build_fscil
+    check_choice("scenario kind", kind, (*BUILD_KINDS, *KIND_BUILDERS))
+    if kind in KIND_BUILDERS:  # e.g. fscil: a base session plus N-way K-shot sessions
+        from cl.lazy import load
 
-        return build_fscil(cfg, data_root)
+        return load(KIND_BUILDERS[kind])(cfg, data_root)
     loader = get_loader(dataset)
     name = get_str(cfg, "name", None) or dataset
     seed = get_int(cfg, "class_order_seed", DEFAULT_CLASS_ORDER_SEED)
