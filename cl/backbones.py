@@ -24,10 +24,12 @@ NORMALIZATIONS = {
     "none": None,
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
 # Backbone sources: "module:function(cfg) -> Backbone", imported lazily (each source is an optional extra).
 SOURCES: dict[str, str] = {
     "timm": "cl.backbones:build_timm",
+    "open_clip": "cl.backbones_open_clip:build_open_clip",
 }
 
 
