@@ -29,6 +29,8 @@ NORMALIZATIONS = {
 # Backbone sources: "module:function(cfg) -> Backbone", imported lazily (each source is an optional extra).
 SOURCES: dict[str, str] = {
     "timm": "cl.backbones:build_timm",
+    "hf": "cl.backbones_hf:build_hf",  # local Hugging Face text encoders (the text extra)
+    "synthetic-c": "scenarios.synthetic_c:build_source",
     "open_clip": "cl.backbones_open_clip:build_open_clip",
 }
 
