@@ -81,7 +81,9 @@ def _square(matrix: list[list[float | None]]) -> list[list[float]]:
 
 
 # Kinds whose headline metrics are their own: "module:function(history) -> dict", imported when used.
-KIND_METRICS: dict[str, str] = {}
+KIND_METRICS: dict[str, str] = {
+    "union_label": "scenarios.union_label_metrics:from_history",
+}
 
 
 def compute_metrics(history: History, kind: str) -> dict:
