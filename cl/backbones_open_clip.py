@@ -79,11 +79,8 @@ def build_open_clip(cfg: Mapping[str, Any]) -> ClipBackbone:
     else:
         if oc.get_model_config(arch) is None:
             raise ConfigError(f"unknown open_clip model '{arch}': expected one of open_clip.list_models()")
-        model = oc.create_model(arch, pretrained=None)
-        weights_id = "random-init"
-        if weights:
-            weights_id = _load_file(model, Path(str(weights)).expanduser(), arch)
-        elif pretrained:
+        path = Path(str(weights)).expanduser() if weights else None
+        if path is None and pretrained:  # find the local file before building a large model
             tag = str(pretrained)
             cache = Path(cfg.get("cache_dir") or Path.home() / ".cache" / "open_clip")
             found = sorted(cache.glob(f"**/*{tag}*")) if cache.is_dir() else []
@@ -91,7 +88,9 @@ def build_open_clip(cfg: Mapping[str, Any]) -> ClipBackbone:
             if not files:
                 raise BackboneError(f"no local weights for open_clip '{arch}' pretrained '{tag}' under {cache}: "
                                     f"set backbone.weights=/path/to/{arch}-{tag}.pt (nothing is downloaded)")
-            weights_id = _load_file(model, files[0], arch)
+            path = files[0]
+        model = oc.create_model(arch, pretrained=None)
+        weights_id = _load_file(model, path, arch) if path is not None else "random-init"
     tokenizer = oc.get_tokenizer(arch) if not model_cfg else oc.SimpleTokenizer(
         context_length=int(dict(model_cfg)["text_cfg"].get("context_length", 77)))
     vis = model.visual
