@@ -35,3 +35,16 @@ def last(acc) -> float:
 
 def xtail_summary(acc) -> dict:
     return {"transfer": transfer(acc), "average": average(acc), "last": last(acc)}
+
+
+def from_history(history) -> dict:
+    """KIND_METRICS entry for `union_label`: X-TAIL metrics on the experiences finished so far (percent).
+
+    Transfer needs the future columns, so synthetic-xtail turns `trainer.eval_future` on; without it the upper
+    triangle is NaN and so is Transfer."""
+    k = len(history.acc_matrix)
+    rows = [[float("nan") if v is None else float(v) for v in row[:k]] for row in history.acc_matrix]
+    a = _matrix(rows)
+    iu = np.triu_indices(k, k=1)
+    return {"transfer": float(np.nanmean(a[iu])) if iu[0].size and not np.isnan(a[iu]).all() else float("nan"),
+            "average": float(np.nanmean(a)), "last": last(a), "acc_per_experience": list(a[-1])}
