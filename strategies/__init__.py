@@ -20,6 +20,15 @@ REGISTRY: dict[str, str] = {
     "lae": "strategies.lae:LAE",
     "sema": "strategies.sema:SEMA",
     "fsa": "strategies.fsa:FSA",
+    # Avalanche's classic baselines (optional extra `avalanche`; docs/avalanche.md)
+    **{f"avalanche/{n}": f"strategies.avalanche_bridge:Avalanche{c}" for n, c in (
+        ("naive", "Naive"), ("ewc", "EWC"), ("si", "SI"), ("lwf", "LwF"), ("replay", "Replay"), ("gem", "GEM"),
+        ("agem", "AGEM"), ("icarl", "ICaRL"), ("gdumb", "GDumb"), ("der", "DER"), ("lfl", "LFL"))},
+    "source": "strategies.source:Source",
+    "bn_adapt": "strategies.bn_adapt:BNAdapt",
+    "tent": "strategies.tent:Tent",
+    "cotta": "strategies.cotta:CoTTA",
+    "coso": "strategies.coso:CoSO",
 }
 
 

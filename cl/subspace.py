@@ -1,0 +1,119 @@
+"""CoSO's optimiser: Adam inside per-step SVD subspaces of gradients projected out of a historical basis, plus the
+Frequent-Directions (FD) sketch of the task's gradients that grows that basis at task end (the energy rule).
+
+Why a module of its own: the strategy only decides *which* weights and *which* historical bases; the linear
+algebra (exact or fast subspaces, FD, energy rule) is tested here by hand-made gradients with known spectra.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SVD_MODES = ("exact", "fast")
+
+
+def top_subspace(g: torch.Tensor, rank: int, mode: str = "exact", oversample: int = 10, niter: int = 2):
+    """Leading left singular vectors and values of `g` (m x n), `rank` of them (fewer if g is smaller).
+
+    exact: `torch.linalg.svd` (the reference); fast: randomized `torch.svd_lowrank` with q = rank + oversample.
+    """
+    k = min(rank, *g.shape)
+    if mode == "exact":
+        u, s, _ = torch.linalg.svd(g, full_matrices=False)
+    elif mode == "fast":
+        q = min(k + oversample, *g.shape)
+        u, s, _ = torch.svd_lowrank(g, q=q, niter=niter)
+    else:
+        raise ValueError(f"svd mode '{mode}' unknown: use one of {', '.join(SVD_MODES)}")
+    return u[:, :k + 1], s[:k + 1]  # one extra value: the FD shrinkage needs sigma_{rank+1}
+
+
+def fd_shrink(u: torch.Tensor, s: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frequent Directions: keep `rank` directions, each sigma_i^2 reduced by sigma_{rank+1}^2 (0 if absent)."""
+    floor = s[rank] ** 2 if s.numel() > rank else s.new_zeros(())
+    shrunk = torch.sqrt(torch.clamp(s[:rank] ** 2 - floor, min=0))
+    return u[:, :rank], shrunk
+
+
+def project_out(g: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """G' = G - M (M^T G): removes the historical subspace's component from the gradient (rows = output dim)."""
+    if basis is None or basis.numel() == 0:
+        return g
+    return g - basis @ (basis.T @ g)
+
+
+def energy_rank(s: torch.Tensor, threshold: float) -> int:
+    """k = #{i : cumsum(sigma_i^2 / sum sigma^2)_i < threshold} (the reference's task-end rule)."""
+    energy = s ** 2
+    total = energy.sum()
+    if total <= 0:
+        return 0
+    return int((torch.cumsum(energy / total, 0) < threshold).sum())
+
+
+class CoSOAdam(torch.optim.Optimizer):
+    """AdamW for two kinds of groups.
+
+    Subspace groups (`subspace=True`, 2-D weights): per step
+        1. G' = G - M M^T G with M = `bases[p]` (historical subspace; empty on the first task);
+        2. every `update_gap` steps: U, sigma = svd(G'); P = U[:, :proj_rank]; FD update of the sketch with
+           `sketch_rank` directions (sketch <- FD(svd([decay * S, Q])));
+        3. R = P^T G', Adam moments on R (proj_rank x n), W <- W - lr * P (m_hat / (sqrt(v_hat) + eps)),
+           then decoupled weight decay. Moments are not reset when P changes (GaLore-style).
+    Plain groups: AdamW.
+    The state keeps the sketch (`sketch_u`, `sketch_s`) for `CoSO.end_experience` to read.
+    """
+
+    def __init__(self, groups, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
+                 bases: dict | None = None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, subspace=False, proj_rank=1,
+                        sketch_rank=1, update_gap=1, decay=1.0, svd="exact")
+        super().__init__(groups, defaults)
+        self.bases = bases if bases is not None else {}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                g = p.grad.float()
+                if group["subspace"]:
+                    g = project_out(g, self.bases.get(p))
+                    if state["step"] % group["update_gap"] == 0:
+                        self._refresh(state, g, group)
+                    g = state["proj"].T @ g
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(g)
+                    state["exp_avg_sq"] = torch.zeros_like(g)
+                state["step"] += 1
+                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                step_size = group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+                update = m / (v.sqrt() + group["eps"])
+                if group["subspace"]:
+                    update = state["proj"] @ update
+                p.add_(update.to(p.dtype), alpha=-step_size)
+                if group["weight_decay"] > 0:
+                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        return loss
+
+    @staticmethod
+    def _refresh(state: dict, g: torch.Tensor, group: dict) -> None:
+        """New projection P from G' and the FD sketch update."""
+        r1, r2 = group["proj_rank"], group["sketch_rank"]
+        u, s = top_subspace(g, max(r1, r2), group["svd"])
+        state["proj"] = u[:, :r1].contiguous()
+        qu, qs = fd_shrink(u, s, r2)
+        if "sketch_u" in state:
+            both = torch.cat([group["decay"] * state["sketch_u"] * state["sketch_s"], qu * qs], dim=1)
+            bu, bs = top_subspace(both, r2, group["svd"])
+            qu, qs = fd_shrink(bu, bs, r2)
+        state["sketch_u"], state["sketch_s"] = qu.contiguous(), qs.contiguous()
