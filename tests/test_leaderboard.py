@@ -1,0 +1,106 @@
+"""Leaderboard: table logic on hand-made result dicts, then md/csv/html/plots from a real tiny sweep."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cl.leaderboard import accuracy_curves, display_table, find_results, summary_table, to_markdown, \
+    write_leaderboard
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fake(strategy, seed, last, avg, wall=10.0, status="finished", scenario="s", backbone="b", paper=None,
+         kind_metrics=None):
+    return {"strategy": strategy, "scenario": scenario, "backbone": backbone, "seed": seed, "status": status,
+            "metrics": kind_metrics or {"last_acc": last, "avg_incremental_acc": avg, "forgetting": 1.0},
+            "acc_matrix": [[80.0, None], [60.0, last]],
+            "costs": {"total_wall_s": wall, "per_experience": [
+                {"train_images_per_s": 100.0, "peak_memory_mb": 50.0, "trainable_params": 7},
+                {"train_images_per_s": 300.0, "peak_memory_mb": 70.0, "trainable_params": 9}]},
+            "paper": paper}
+
+
+def test_mean_std_over_seeds_and_costs():
+    t = summary_table([fake("ewc", 0, 40.0, 50.0), fake("ewc", 1, 60.0, 70.0, wall=20.0),
+                       fake("ewc", 2, 0.0, 0.0, status="failed")])  # a failed run is not averaged
+    row = t.iloc[0]
+    assert row["n"] == 2 and row["last_acc_mean"] == 50.0 and row["last_acc_std"] == 10.0
+    assert row["avg_incremental_acc_mean"] == 60.0 and row["total_wall_s_mean"] == 15.0
+    assert row["train_images_per_s_mean"] == 200.0 and row["peak_memory_mb_mean"] == 70.0
+    assert row["trainable_params_mean"] == 9
+    assert display_table(t).iloc[0]["last_acc"] == "50.00 ± 10.00"
+
+
+def test_slash_names_side_by_side_and_paper_and_not_run():
+    paper = {"source": "x", "last_acc": 85.15}
+    t = summary_table([fake("avalanche/ewc", 0, 40.0, 50.0), fake("lae", 0, 70.0, 75.0, paper=paper)],
+                      presets={"lae_s": {"strategy": "lae", "scenario": "s", "backbone": "b", "paper": paper},
+                               "mos_c": {"strategy": "mos", "scenario": "c", "backbone": "b",
+                                         "paper": {"last_acc": 90.0}}})
+    d = display_table(t).set_index("strategy")
+    assert list(d.index) == ["avalanche/ewc", "lae", "mos"]
+    assert d.loc["lae", "paper"] == "last_acc 85.15" and d.loc["avalanche/ewc", "paper"] == ""
+    assert d.loc["mos", "n"] == "not run" and d.loc["mos", "paper"] == "last_acc 90.0"
+    assert "avalanche/ewc" in to_markdown(display_table(t))
+
+
+def test_kind_headline_metrics_mean_error_and_h():
+    t = summary_table([fake("tent", 0, 0, 0, kind_metrics={"mean_error": 30.0}),
+                       fake("tent", 1, 0, 0, kind_metrics={"mean_error": 40.0}),
+                       fake("unl", 0, 0, 0, kind_metrics={"h_mean": 55.0})])
+    d = display_table(t).set_index("strategy")
+    assert d.loc["tent", "mean_error"] == "35.00 ± 5.00" and d.loc["unl", "h_mean"] == "55.00"
+
+
+def test_accuracy_curves_are_seen_means_over_seeds():
+    c = accuracy_curves([fake("a", 0, 40.0, 0), fake("a", 1, 60.0, 0)])
+    assert c == {"a | s | b": [80.0, (60 + 40) / 2 / 2 + (60 + 60) / 2 / 2]}
+
+
+def test_find_results_skips_broken_files(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "result.json").write_text(json.dumps(fake("x", 0, 1.0, 1.0)))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "result.json").write_text("{half")
+    assert [r["strategy"] for r in find_results([tmp_path])] == ["x"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """simplecil x 2 seeds and finetune x 1 seed on the tiny synthetic stream, run in-process."""
+    from cl.cli import compose_config
+    from cl.experiment import run_experiment
+
+    root = tmp_path_factory.mktemp("sweep")
+    for strategy, seeds in (("finetune", (0,)), ("simplecil", (0, 1))):
+        for seed in seeds:
+            cfg = compose_config([f"results_root={root}", "trainer.progress=false", "trainer.device=cpu",
+                                  f"strategy={strategy}", "scenario=synthetic", "debug=fast", f"seed={seed}"])
+            run_experiment(cfg, out=lambda *a: None)
+    return root
+
+
+def test_leaderboard_cli_from_a_sweep(sweep, tmp_path):
+    out = tmp_path / "lb"
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "leaderboard.py"), str(sweep), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.html", "acc_matrices.png", "acc_curves.png",
+                 "acc_vs_cost.png", "acc_matrices.svg"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "leaderboard.md").read_text()
+    assert "finetune" in md and "simplecil" in md and "not run" in md  # the presets have no result here
+    html = (out / "leaderboard.html").read_text()
+    assert '<img src="acc_curves.png">' in html
+    import pandas as pd
+
+    csv = pd.read_csv(out / "leaderboard.csv")
+    ran = csv[csv["status"] == "run"]
+    assert set(ran["strategy"]) == {"finetune", "simplecil"} and list(ran.sort_values("strategy")["n"]) == [1, 2]
+    assert all(0 <= v <= 100 and not math.isnan(v) for v in ran["last_acc_mean"])
