@@ -1,0 +1,121 @@
+"""The test-sized CTTA source: a small batch-norm ResNet trained ONCE on the synthetic clean split, cached on disk.
+
+Test-time adaptation needs a source *classifier* (features and head). This module is a backbone source
+(`SOURCES["synthetic-c"]`): it returns a `cl.backbones.Backbone` whose `model` is the whole classifier, so
+`backbone(x)` gives logits over the stream's classes and `feature_dim == n_classes` (docs/tta.md).
+The clean train split it was trained on is the scenario's declared source data (EcoTTA warm-up, PSMT Fisher).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cl.backbones import Backbone
+from scenarios.synthetic import make_synthetic
+
+DEFAULT_SYNTHETIC = {"n_classes": 10, "n_domains": 1, "image_size": 32, "channels": 3,
+                     "train_per_class": 60, "test_per_class": 20, "noise": 0.15, "seed": 0}
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """stem + `len(widths)` residual stages (the "parts" EcoTTA attaches meta networks to) + linear head."""
+
+    def __init__(self, n_classes: int = 10, in_chans: int = 3, widths: tuple[int, ...] = (16, 32, 64)):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.ReLU())
+        stages, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            stages.append(BasicBlock(cin, w, 1 if i == 0 else 2))
+            cin = w
+        self.stages = nn.ModuleList(stages)
+        self.fc = nn.Linear(cin, n_classes)
+
+    def features(self, x):
+        x = self.stem(x)
+        for s in self.stages:
+            x = s(x)
+        return x
+
+    def head(self, x):
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def source_split(synthetic: Mapping[str, Any] | None):
+    """(clean train, clean test) of the synthetic-c scenario: train is the declared source data."""
+    params = {**DEFAULT_SYNTHETIC, **dict(synthetic or {})}
+    params["n_domains"] = 1
+    return make_synthetic(**params)
+
+
+def train_source(synthetic: Mapping[str, Any] | None, epochs: int = 15, seed: int = 0) -> SmallResNet:
+    """Plain supervised training on the clean split (Adam, batch 64); seconds on a CPU."""
+    train, _ = source_split(synthetic)
+    params = {**DEFAULT_SYNTHETIC, **dict(synthetic or {})}
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = SmallResNet(params["n_classes"], params["channels"])
+    x = torch.as_tensor(train.images).float() / 255
+    y = torch.as_tensor(train.targets).long()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=g).split(64):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def cached_source(synthetic: Mapping[str, Any] | None, cache_dir: str | Path, epochs: int = 15) -> tuple[SmallResNet, str]:
+    """The trained source model, trained only when `cache_dir` has no copy for these settings."""
+    params = {**DEFAULT_SYNTHETIC, **dict(synthetic or {}), "epochs": epochs}
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"synthetic-c-source-{key}.pt"
+    model = SmallResNet(params["n_classes"], params["channels"])
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval(), key
+    model = train_source(synthetic, epochs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    return model.eval(), key
+
+
+def build_source(cfg: Mapping[str, Any]) -> Backbone:
+    """Backbone source 'synthetic-c': the cached source classifier (logits out)."""
+    synthetic = cfg.get("synthetic") or {}
+    model, key = cached_source(synthetic, cfg.get("cache_dir") or "data/synthetic-c-cache", int(cfg.get("epochs", 15)))
+    n_classes = {**DEFAULT_SYNTHETIC, **dict(synthetic)}["n_classes"]
+    bb = Backbone(model, name=str(cfg.get("name", "synthetic-c-resnet")), arch="small-bn-resnet",
+                  feature_dim=n_classes, input_size=int(cfg.get("input_size", 32)), in_chans=3, normalize="none",
+                  weights_id=f"synthetic-c-trained:{key}", pretrained=True)
+    bb.is_classifier = True
+    return bb

@@ -1,0 +1,40 @@
+"""TENT (Wang et al., ICLR 2021), DequanWang/tent `tent.py`.
+
+    BN uses test-batch statistics; only BN affine (gamma, beta) train.
+    per batch x:  logits = f(x);  L = mean entropy(softmax(logits));  one optimizer step;  return logits
+The returned prediction is the one computed before the step (as in the reference `forward_and_adapt`).
+Continual by default (reset once); `scenario.reset_each_shift=true` gives the official per-domain reset.
+"""
+from __future__ import annotations
+
+import torch
+
+from strategies.tta_base import TTAStrategy, bn_affine, softmax_entropy, use_batch_stats
+
+
+class Tent(TTAStrategy):
+    name = "tent"
+
+    def __init__(self, optim: str = "adam", lr: float = 1e-3, momentum: float = 0.9, steps: int = 1, **kw):
+        super().__init__(optim=optim, lr=lr, momentum=momentum, steps=steps, **kw)
+        self.optim, self.lr, self.momentum, self.steps = optim, float(lr), float(momentum), int(steps)
+
+    def configure(self) -> None:
+        self.backbone.requires_grad_(False)
+        use_batch_stats(self.backbone)
+        params = bn_affine(self.backbone)
+        for p in params:
+            p.requires_grad_(True)
+        self.optimizer = self.make_optimizer(params, self.optim, self.lr, self.momentum)
+
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            for step in range(self.steps):
+                logits = self.backbone(x)
+                if step == 0:
+                    prediction = logits.detach()
+                loss = softmax_entropy(logits).mean()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+        return prediction
