@@ -28,6 +28,7 @@ BUILD_KINDS = ("class_il", "task_il", "domain_il")
 # Kinds with a builder of their own: "module:function(cfg, data_root) -> Stream", imported when used.
 KIND_BUILDERS: dict[str, str] = {
     "fscil": "scenarios.fscil:build_fscil",
+    "tta": "scenarios.tta:build_tta",
     "union_label": "scenarios.union_label:build_union_label",
 }
 DEFAULT_CLASS_ORDER_SEED = 1993  # the PILOT family's seed
