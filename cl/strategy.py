@@ -118,6 +118,11 @@ class Strategy(nn.Module):
         extra = sum(b.numel() for n, b in self.named_buffers() if n.startswith(self.stored_buffers))
         return own + extra
 
+    def trained_param_count(self) -> int | None:
+        """Parameters trained in the experience just finished, when the parameter groups returned by
+        `begin_experience` do not tell (SEMA creates its expansions inside `fit_experience`); None: count the groups."""
+        return None
+
     # Buffers that count as added parameters (prototypes, statistics): prefixes of their names.
     stored_buffers: tuple[str, ...] = ()
 

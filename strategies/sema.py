@@ -181,7 +181,7 @@ class SEMA(Strategy):
     name = "sema"
     supports = ("class_il", "task_il")
     uses_sgd = False
-    stored_buffers = ("expansion_log", "trained_params")
+    stored_buffers = ()  # its buffers are bookkeeping (expansion log, trained counts), not stored data
 
     def __init__(self, ffn_num: int = 16, rd_dim: int = 128, buffer_size: int = 500, detect_batch_size: int = 128,
                  exp_threshold: float = 2.0, adapt_start_layer: int = 9, adapt_end_layer: int = 11,
@@ -250,6 +250,10 @@ class SEMA(Strategy):
         g["adapters_per_block"][:] = self.adapters_per_block()
         g["expansions"][:] = [{"experience": int(e), "block": int(b)} for e, b in self.expansion_log.tolist()]
         g["trained_params_per_experience"][:] = self.trained_params.tolist()
+
+    def trained_param_count(self) -> int:
+        """What `fit_experience` trained (an expansion's new adapter, RD and router column, or the head)."""
+        return int(self.trained_params[int(self.experiences_seen) - 1])
 
     def describe(self):
         return {**super().describe(), "growth": self._growth}
