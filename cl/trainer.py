@@ -239,9 +239,10 @@ class Trainer:
                 strategy.end_experience(exp, None)
             else:
                 adapt_time = None
+                trainable = count_trainable(groups)  # before training: strategies freeze what they trained
                 train_time, train_images = self._learn(stream, strategy, groups, i, here, t0)
                 trained = strategy.trained_param_count()  # a strategy that grows modules while training knows
-                trainable = trained if trained is not None else count_trainable(groups)
+                trainable = trained if trained is not None else trainable
 
                 upto = n - 1 if self.cfg.eval_future else i
                 t = time.perf_counter()
