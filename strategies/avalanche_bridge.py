@@ -37,6 +37,17 @@ def import_avalanche():
     return supervised
 
 
+def _net_class():
+    """`_Net` with Avalanche's `BaseModel` mixed in when Avalanche is importable (LFL requires it)."""
+    from avalanche.models import BaseModel
+
+    class AvalancheNet(_Net, BaseModel):
+        def get_features(self, x: torch.Tensor) -> torch.Tensor:
+            return self.backbone(x)
+
+    return AvalancheNet
+
+
 class _Net(nn.Module):
     """backbone + linear head: the nn.Module Avalanche optimises."""
 
@@ -115,8 +126,9 @@ class AvalancheStrategy(Strategy):
 
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)
+        import_avalanche()  # here, so that its import time is not counted as the first experience's training time
         self.head = nn.Linear(backbone.feature_dim, info.n_classes)
-        self.net = _Net(backbone, self.head)
+        self.net = _net_class()(backbone, self.head)
 
     # --- building the Avalanche strategy ---------------------------------------------------------
     def make_optimizer(self, params) -> torch.optim.Optimizer:

@@ -1,0 +1,27 @@
+"""Avalanche's classic strategies inside clbench's stream (strategies/avalanche_bridge.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("avalanche", reason="the optional extra `avalanche` is not installed: pip install -e .[avalanche]")
+
+NAMES = ["naive", "ewc", "si", "lwf", "replay", "gem", "agem", "icarl", "gdumb", "der", "lfl"]
+# 8 samples per class keeps each run short.
+TINY = ("debug=fast", "scenario.limit_per_class=8")
+
+
+def _result(path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_avalanche_strategy_runs_end_to_end(name, compose, run_quiet):
+    path, _ = run_quiet(compose(f"strategy=avalanche/{name}", *TINY))
+    res = _result(path)
+    assert res["status"] == "finished" and res["strategy"] == f"avalanche/{name}"
+    assert len(res["acc_matrix"]) == 5
+    cost = res["costs"]["per_experience"][-1]
+    assert cost["added_params"] > 0 and cost["train_images"] > 0
+
