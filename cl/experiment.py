@@ -29,7 +29,7 @@ from scenarios.imagefolder import BAD_IMAGE_POLICIES, bad_images_policy
 from . import backbones, metrics
 from .errors import BackboneError, ConfigError, RunInterrupted
 from .progress import matrix_table
-from .results import RunDir, config_hash
+from .results import RunDir, config_hash, finished_indices
 from .trainer import History, NonFiniteLossError, Trainer, TrainerConfig, rng_state, seed_everything, set_rng_state
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR2")
@@ -346,6 +346,7 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
         history = History.from_state(ckpt["history"])
         set_rng_state(ckpt["rng"])
         start = int(ckpt["next_experience"])
+        _recover_experience_events(run, history, start)
     partial = run.dir.load_partial(warn=out)
     if partial is not None and int(partial["experience"]) != start:
         out(f"warning: ignoring checkpoints/partial.pt: it continues experience {partial['experience']}, but the "
@@ -409,6 +410,17 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
     out(matrix_table(history.acc_matrix))
     _print_summary(result, out)
     return run.dir.result_path
+
+
+def _recover_experience_events(run: Run, history: History, start: int) -> None:
+    """A SIGKILL between an experience's checkpoint and its `experience_end` line leaves the log one event short;
+    the checkpoint is the truth, so the missing events are written now from its history, marked `recovered`."""
+    logged = set(finished_indices(run.dir.events()))
+    for i in range(min(start, len(history.acc_matrix))):
+        if i not in logged:
+            run.dir.log_event("experience_end", experience=i, accuracy=history.acc_matrix[i][: i + 1],
+                              wall_s=history.costs[i]["wall_s"] if i < len(history.costs) else None,
+                              recovered=True)
 
 
 def _record_interruption(run: Run, exc: RunInterrupted, history: History, n: int) -> None:

@@ -6,7 +6,7 @@ Per experience i:
     SGD epochs over strategy.training_data(stream[:i+1])  (or strategy.fit_experience)
     strategy.end_experience(exp, loader)
     evaluate every seen experience in one pass over the union of their test sets, then split per experience
-    checkpoint, then the `experience_end` event
+    checkpoint, then the `experience_end` event (a kill between the two is repaired on resume: cl/experiment.py)
 
 Interruption: `Trainer.should_stop()` (set by `run_experiment` from its signal handlers) is polled before each
 experience and after each optimiser step. When it names a signal, the trainer raises `RunInterrupted`; inside the

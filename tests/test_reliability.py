@@ -267,6 +267,21 @@ def test_a_torn_event_line_does_not_swallow_the_next_event(tmp_path):
     assert [e["experience"] for e in d.events()] == [0, 1]
 
 
+def test_a_kill_between_checkpoint_and_event_is_repaired_on_resume(compose, run_quiet):
+    """SIGKILL after exp_000.pt is written but before its `experience_end` line: the resumed run writes it."""
+    cfg = compose("strategy=simplecil", "scenario=synthetic", "debug=fast", "trainer.stop_after=1")
+    run_quiet(cfg)
+    d = run_dir(cfg)
+    events = d.path / "events.jsonl"
+    events.write_text("".join(line + "\n" for line in events.read_text().splitlines()
+                              if '"experience_end"' not in line))
+    cfg["trainer"]["stop_after"] = None
+    run_quiet(cfg)
+    ended = [e for e in d.events() if e["event"] == "experience_end"]
+    assert sorted(e["experience"] for e in ended) == list(range(len(ended))) and len(ended) > 1
+    assert ended[-1]["experience"] != 0 and [e.get("recovered") for e in ended if e["experience"] == 0] == [True]
+
+
 def test_stale_temporaries_of_a_killed_writer_are_removed(compose, run_quiet):
     cfg = compose("strategy=simplecil", "scenario=synthetic", "debug=fast", "trainer.stop_after=1")
     d = run_dir(cfg)
