@@ -104,6 +104,19 @@ class Strategy(nn.Module):
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict(x)
 
+    # --- frozen features (cl/feature_cache.py) ------------------------------------------------------
+    # Set by the trainer (a cl.feature_cache.FeatureCache) when trainer.feature_cache is on; else None.
+    feature_cache = None
+
+    def frozen_encoder(self):
+        """(key, encode) when `predict(x) == predict_features(encode(x))` and `encode` no longer changes: the
+        trainer then encodes each test image once and evaluates from cached features. None: no cache."""
+        return None
+
+    @torch.no_grad()
+    def predict_features(self, features: torch.Tensor, task_id: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__}.frozen_encoder() needs predict_features")
+
     # --- helpers ---------------------------------------------------------------------------------
     def mask_unseen(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits of classes not seen yet cannot win (the growing-head behaviour of PyCIL/PILOT)."""

@@ -32,6 +32,7 @@ from torch.utils.data import ConcatDataset
 
 from .data import make_loader, to_model_input
 from .errors import ConfigError, NonFiniteLossError, RunInterrupted  # noqa: F401  (re-exported)
+from .feature_cache import FeatureCache
 from .progress import progress_bar
 from .strategy import Batch, Strategy
 from .stream import Stream
@@ -63,6 +64,7 @@ class TrainerConfig:
     stop_after: int | None = None  # stop (resumably) after this many experiences in this process
     keep_checkpoints: int = 2
     deterministic: bool = False  # torch.use_deterministic_algorithms (warn_only) + CUBLAS_WORKSPACE_CONFIG, for GPUs
+    feature_cache: bool = True  # encode each image once through a strategy's frozen_encoder (cl/feature_cache.py)
     seed: int = 0
 
     @classmethod
@@ -209,6 +211,8 @@ class Trainer:
         if resume is not None and int(resume["experience"]) != start:
             raise ValueError(f"a mid-experience state for experience {resume['experience']} cannot resume at {start}")
         strategy.to(self.device)
+        strategy.feature_cache = (FeatureCache(self.device, self.cfg.eval_batch_size, self.autocast_dtype)
+                                  if self.cfg.feature_cache else None)
         n = len(stream)
         if self.cfg.eval_future and history.initial_accuracy is None:
             row, task_row, counts = self.evaluate(stream, strategy, upto=n - 1, mask_to_seen=False)
@@ -236,6 +240,10 @@ class Trainer:
                 row, task_row, counts = self.adapt_online(stream, strategy, i)
                 train_time, train_images, trainable, eval_time = 0.0, 0, count_trainable(groups), 0.0
                 adapt_time = time.perf_counter() - t
+                n_batches = max(1, -(-counts[i] // self.cfg.batch_size))
+                # per-domain cost figures of this family: time per batch, plus what the strategy counts itself
+                tta_costs = {"domain": exp.domain, "batches": n_batches, "time_per_batch_s": adapt_time / n_batches,
+                             **(strategy.adapt_costs() if hasattr(strategy, "adapt_costs") else {})}
                 strategy.end_experience(exp, None)
             else:
                 adapt_time = None
@@ -262,8 +270,8 @@ class Trainer:
                 "train_images": train_images,
                 "train_images_per_s": train_images / train_time if train_time > 0 else None,
                 "eval_images_per_s": n_eval / eval_time if eval_time > 0 else None,
-                **({"adapt_s": adapt_time, "adapt_images_per_s": counts[i] / adapt_time if adapt_time else None}
-                   if adapt_time is not None else {}),
+                **({"adapt_s": adapt_time, "adapt_images_per_s": counts[i] / adapt_time if adapt_time else None,
+                    **tta_costs} if adapt_time is not None else {}),
                 "forward_passes_per_test_image": strategy.forward_passes_per_test_image,
                 "peak_memory_mb": mem,
                 "peak_memory_kind": mem_kind,
@@ -465,14 +473,18 @@ class Trainer:
                              num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda")
         size, chans = strategy.backbone.input_size, strategy.backbone.in_chans
         task_il = stream.info.kind == "task_il"
+        cached = self._cached_features(strategy, exps)  # frozen encoder: each test image encoded once
         offset = 0
-        for x, y in loader:
+        for x, y in (cached if cached is not None else loader):
             ids = sample_exp[offset: offset + len(y)]
             offset += len(y)
-            x = to_model_input(x, size, chans, self.device)
             y = y.to(self.device)
+            task_ids = stream_task_ids(exps, ids) if task_il else None
             with self.autocast():
-                logits = strategy.predict(x, task_id=stream_task_ids(exps, ids) if task_il else None)
+                if cached is not None:
+                    logits = strategy.predict_features(x, task_id=task_ids)
+                else:
+                    logits = strategy.predict(to_model_input(x, size, chans, self.device), task_id=task_ids)
             logits = logits.float()
             if logits.shape[1] != n_classes:
                 raise RuntimeError(f"{type(strategy).__name__}.predict returned {logits.shape[1]} logits; "
@@ -485,6 +497,20 @@ class Trainer:
         acc = (correct.cpu().double() / cnt * 100).tolist()
         acc_task = (correct_task.cpu().double() / cnt * 100).tolist()
         return acc, acc_task, counts
+
+
+    def _cached_features(self, strategy: Strategy, exps: list):
+        """(features, labels) batches over the seen test sets from the feature cache, or None without one."""
+        cache = getattr(strategy, "feature_cache", None)
+        frozen = strategy.frozen_encoder() if cache is not None else None
+        if frozen is None:
+            return None
+        key, encode = frozen
+        size, chans = strategy.backbone.input_size, strategy.backbone.in_chans
+        parts = [cache.features(key, encode, e.test, input_size=size, in_chans=chans) for e in exps]
+        feats, labels = torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts])
+        bs = self.cfg.eval_batch_size
+        return [(feats[k: k + bs], labels[k: k + bs]) for k in range(0, len(labels), bs)]
 
 
 def _skip_batches(batches, n: int) -> None:

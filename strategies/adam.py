@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from cl import peft
-from cl.features import class_means, extract_features
+from cl.feature_cache import features_of
+from cl.features import class_means
 from cl.heads import CosineLinear
 from cl.strategy import Batch, Strategy
 
@@ -83,18 +84,28 @@ class APER(Strategy):
         """[frozen PTM feature, adapted feature]: the 2D-dimensional representation APER merges."""
         return torch.cat([self.backbone(x).float(), self.adapted(x).float()], dim=1)
 
+    def frozen_encoder(self):
+        """After the first session both halves of the merged feature are frozen (the adapter is never trained
+        again), so the trainer may encode each image once (issue 10); while it trains, no cache."""
+        if int(self.experiences_seen) == 0 or any(p.requires_grad for p in self.adapted.parameters()):
+            return None
+        return "aper-merged", self.features
+
     @torch.no_grad()
     def end_experience(self, exp, loader) -> None:
         self.adapted.requires_grad_(False)
         self.eval()
         device = self.prototypes.device
-        feats, labels = extract_features(self.features, exp.train, device=device,
-                                         input_size=self.backbone.input_size, in_chans=self.backbone.in_chans,
-                                         batch_size=self.h["eval_batch_size"])
+        feats, labels = features_of(self, "aper-merged", self.features, exp.train, device=device,
+                                    batch_size=self.h["eval_batch_size"])
         means, counts = class_means(feats, labels, self.info.n_classes)
         new = counts > 0
         self.prototypes[new] = means[new]
 
     @torch.no_grad()
+    def predict_features(self, features: torch.Tensor, task_id=None) -> torch.Tensor:
+        return F.normalize(features.float(), dim=1) @ F.normalize(self.prototypes, dim=1).T
+
+    @torch.no_grad()
     def predict(self, x: torch.Tensor, task_id=None) -> torch.Tensor:
-        return F.normalize(self.features(x), dim=1) @ F.normalize(self.prototypes, dim=1).T
+        return self.predict_features(self.features(x), task_id)

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cl import peft
-from cl.features import class_gaussian, extract_features
+from cl.feature_cache import features_of
+from cl.features import class_gaussian
 from cl.heads import CosineLinear
 from cl.strategy import Batch, Strategy
 
@@ -160,13 +161,15 @@ class MOS(Strategy):
         self._store_adapter()
         self.eval()
         new = torch.tensor(list(exp.classes), device=device)
-        feats, labels = self._extract(exp.train, k=None, pulling=True, device=device)
+        # At t = 0 the current set is set 0 and the pull is a no-op: the same features as the prototypes' below,
+        # so with the trainer's feature cache they are computed once (issue 10).
+        feats, labels = self._extract(exp.train, k=None, pulling=True, device=device, key="set0" if t == 0 else None)
         for c in new.tolist():
             mean, cov = class_gaussian(feats[labels == c], self.h["ca_storage"])
             self.cls_mean[c], self.cls_cov[c] = mean, cov
         if t > 0:
             self.align_classifier(self.h["ca_samples_factor"] * (loader.batch_size if loader is not None else 16))
-        proto, plabels = self._extract(exp.train, k=0, pulling=False, device=device)
+        proto, plabels = self._extract(exp.train, k=0, pulling=False, device=device, key="set0")
         with torch.no_grad():
             for c in new.tolist():
                 self.proto_head.weight[c] = proto[plabels == c].mean(0)
@@ -179,10 +182,11 @@ class MOS(Strategy):
         prev = self.adapter_sums[-1] if len(self.adapter_sums) else torch.zeros_like(flat)
         self.adapter_sums = torch.cat([self.adapter_sums, (prev + flat).unsqueeze(0)])
 
-    def _extract(self, dataset, k, pulling, device):
-        return extract_features(lambda x: self.features(x, k=k, pulling=pulling), dataset, device=device,
-                                input_size=self.backbone.input_size, in_chans=self.backbone.in_chans,
-                                batch_size=self.h["eval_batch_size"])
+    def _extract(self, dataset, k, pulling, device, key=None):
+        """Features of `dataset` under adapter set k; `key` names a frozen encoder (set 0 never changes after the
+        first session) so that the trainer's feature cache may serve them."""
+        return features_of(self, key, lambda x: self.features(x, k=k, pulling=pulling), dataset, device=device,
+                           batch_size=self.h["eval_batch_size"])
 
     def align_classifier(self, per_class: int) -> None:
         """Classifier alignment: the head alone on pseudo-features from every seen class's Gaussian."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cl.features import class_means, extract_features
+from cl.feature_cache import features_of
+from cl.features import class_means
 from cl.strategy import Strategy
 
 
@@ -37,9 +38,8 @@ class SimpleCIL(Strategy):
     @torch.no_grad()
     def fit_experience(self, exp, loader, device) -> None:
         self.backbone.eval()
-        feats, labels = extract_features(self.backbone, exp.train, device=device,
-                                         input_size=self.backbone.input_size, in_chans=self.backbone.in_chans,
-                                         batch_size=self.eval_batch_size)
+        feats, labels = features_of(self, "ptm", self.backbone, exp.train, device=device,
+                                    batch_size=self.eval_batch_size)
         means, counts = class_means(feats, labels, self.info.n_classes)
         # Domain-IL sees a class again in a new domain: keep the running mean over all its samples.
         total = self.proto_counts + counts
@@ -48,7 +48,13 @@ class SimpleCIL(Strategy):
         self.prototypes[updated] = (mixed[updated] / total[updated].unsqueeze(1)).to(self.prototypes.dtype)
         self.proto_counts.copy_(total)
 
+    def frozen_encoder(self):
+        return "ptm", self.backbone  # the PTM never changes: the trainer may cache its features (issue 10)
+
+    @torch.no_grad()
+    def predict_features(self, features: torch.Tensor, task_id=None) -> torch.Tensor:
+        return F.normalize(features.float(), dim=1) @ F.normalize(self.prototypes, dim=1).T
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, task_id=None) -> torch.Tensor:
-        f = F.normalize(self.backbone(x).float(), dim=1)
-        return f @ F.normalize(self.prototypes, dim=1).T
+        return self.predict_features(self.backbone(x), task_id)
