@@ -30,6 +30,12 @@ KIND_BUILDERS: dict[str, str] = {
     "fscil": "scenarios.fscil:build_fscil",
     "tta": "scenarios.tta:build_tta",
     "union_label": "scenarios.union_label:build_union_label",
+    "forgetting": "scenarios.forgetting:build_forgetting",
+    "text": "scenarios.text:build_text",
+}
+# Datasets that come with their own stream builder (same signature), whatever the kind.
+DATASET_BUILDERS: dict[str, str] = {
+    "avalanche": "scenarios.avalanche_benchmarks:build_avalanche",
 }
 DEFAULT_CLASS_ORDER_SEED = 1993  # the PILOT family's seed
 
@@ -46,6 +52,14 @@ def build(cfg: Any, data_root: str | Path | None = None) -> Stream:
     dataset = get_str(cfg, "dataset")
     kind = get_str(cfg, "kind", "class_il")
     check_choice("scenario kind", kind, (*BUILD_KINDS, *KIND_BUILDERS))
+    if dataset in DATASET_BUILDERS:  # a whole stream made elsewhere, e.g. Avalanche's benchmark generators
+        from cl.lazy import load
+
+        stream = load(DATASET_BUILDERS[dataset])(cfg, data_root)
+        if stream.info.kind != kind:
+            raise ConfigError(f"scenario '{dataset}' built a {stream.info.kind} stream, not {kind}: "
+                              f"set scenario.kind={stream.info.kind}")
+        return stream
     if kind in KIND_BUILDERS:  # e.g. fscil: a base session plus N-way K-shot sessions
         from cl.lazy import load
 
@@ -57,6 +71,9 @@ def build(cfg: Any, data_root: str | Path | None = None) -> Stream:
     if kind != "domain_il":
         init_cls, increment = _increments(cfg)
     data = loader({**cfg, "name": name}, resolve_data_root(data_root))
+    from cl.cache import attach_image_cache  # scenario.image_cache: decode-once uint8 cache (issue 10)
+
+    attach_image_cache((data.train, data.test), cfg)
     if kind == "domain_il":
         if data.domains_train is None or data.domains_test is None:
             raise ConfigError(

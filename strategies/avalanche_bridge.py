@@ -21,10 +21,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
-from cl.data import to_model_input
 from cl.errors import ConfigError, MissingExtraError
+from cl.interop import avalanche_dataset, describe_benchmark
 from cl.strategy import Strategy
 
 
@@ -58,46 +57,6 @@ class _Net(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
-
-
-class ModelInputDataset(Dataset):
-    """A clbench dataset's samples as the model sees them: float in [0, 1], resized, with the backbone's channels.
-
-    Avalanche batches samples itself, so the conversion the trainer does per batch is done per sample here."""
-
-    def __init__(self, dataset: Dataset, size: int, channels: int):
-        self.dataset, self.size, self.channels = dataset, size, channels
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        x, y = self.dataset[i]
-        return to_model_input(torch.as_tensor(x)[None], self.size, self.channels, torch.device("cpu"))[0], int(y)
-
-
-def dataset_targets(dataset: Dataset) -> list[int]:
-    targets = getattr(dataset, "targets", None)
-    if targets is None:
-        targets = [int(dataset[i][1]) for i in range(len(dataset))]
-    return [int(t) for t in targets]
-
-
-def avalanche_dataset(dataset: Dataset, task_label: int, size: int | None = None, channels: int | None = None):
-    """An Avalanche classification dataset over `dataset` (targets and task labels as data attributes)."""
-    from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_classification_dataset
-
-    source = ModelInputDataset(dataset, size, channels) if size is not None else dataset
-    return _make_taskaware_classification_dataset(source, targets=dataset_targets(dataset),
-                                                  task_labels=task_label)
-
-
-def describe_benchmark(benchmark, classes_per_experience: list[list[int]]):
-    """Adds what iCaRL reads from `experience.benchmark` (the fields of Avalanche's `nc_benchmark`)."""
-    benchmark.n_classes_per_exp = [len(c) for c in classes_per_experience]
-    benchmark.classes_order = [int(c) for cs in classes_per_experience for c in cs]
-    benchmark.n_classes = len(set(benchmark.classes_order))
-    return benchmark
 
 
 class AvalancheStrategy(Strategy):
