@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-CHECKED_GROUPS = ("strategy", "scenario", "backbone", "trainer", "debug", "experiment")
+CHECKED_GROUPS = ("strategy", "scenario", "backbone", "trainer", "debug", "experiment", "logger")
 
 
 def group_options(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:

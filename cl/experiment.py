@@ -339,6 +339,9 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
         },
     }
 
+    from .loggers import build as build_logger  # logger=wandb (docs/sweeps_and_leaderboard.md); None without one
+
+    logger = build_logger(cfg.get("logger"), run.dir.path, run.run_id, cfg)
     history, start = History(), 0
     ckpt = run.dir.load_latest_checkpoint(warn=out)
     if ckpt is not None:
@@ -380,6 +383,8 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
         run.dir.write_result(run.result(hist, status))
         run.dir.log_event("experience_end", experience=i, accuracy=hist.acc_matrix[-1][: i + 1],
                           wall_s=hist.costs[-1]["wall_s"])
+        if logger is not None:
+            logger.log_experience(i, run.dir.read_result())
         if stream.info.kind == "tta":
             score = f"online accuracy {hist.acc_matrix[-1][i]:.2f}%"
         else:
@@ -400,6 +405,9 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
         _record_interruption(run, exc, history, len(stream))
         stop.chain()  # under submitit: its checkpoint-and-requeue hook, now that the state is on disk
         raise
+    finally:
+        if logger is not None:
+            logger.finish(run.dir.read_result())
     done = len(history.acc_matrix)
     if done < len(stream):
         out(f"stopped after {done}/{len(stream)} experiences (trainer.stop_after); run the same command to resume")

@@ -30,7 +30,7 @@ from .errors import ResultsError, RunLockedError
 # Config keys that say where or how verbosely to run, not what is computed: they do not change the hash.
 NON_SEMANTIC_KEYS = ("results_root", "data_root", "hydra", "trainer.progress", "trainer.stop_after",
                      "trainer.device", "trainer.num_workers", "trainer.keep_checkpoints", "trainer.log_every",
-                     "trainer.deterministic",
+                     "trainer.deterministic", "logger",  # where metrics are also sent, not what is computed
                      # `fail` never produces a result and `skip` changes nothing on a clean copy; what `skip` dropped
                      # is recorded in the result's `data_warnings` (the hash never covers the data's content).
                      "scenario.bad_images")
