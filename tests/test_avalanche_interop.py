@@ -94,8 +94,8 @@ def test_a_clbench_stream_round_trips_through_avalanche(compose, scenario):
 
 def test_native_and_avalanche_strategies_run_on_an_avalanche_benchmark(compose, run_quiet, tiny_mnist):
     for strategy in ("finetune", "avalanche/naive"):
-        path, _ = run_quiet(compose(f"strategy={strategy}", "scenario=avalanche/split-mnist", "debug=fast", "scenario.limit_per_class=4",
-                                    f"data_root={tiny_mnist}"))
+        path, _ = run_quiet(compose(f"strategy={strategy}", "scenario=avalanche/split-mnist", "debug=fast",
+                                    "scenario.limit_per_class=4", f"data_root={tiny_mnist}"))
         result = json.loads(path.read_text())
         assert result["status"] == "finished" and result["scenario"] == "avalanche/split_mnist"
         assert result["stream"]["extra"]["generator"] == "SplitMNIST"
