@@ -14,26 +14,28 @@ SVD_MODES = ("exact", "fast")
 
 
 def top_subspace(g: torch.Tensor, rank: int, mode: str = "exact", oversample: int = 10, niter: int = 2):
-    """Leading left singular vectors and values of `g` (m x n), `rank` of them (fewer if g is smaller).
+    """Leading left singular vectors and values of `g` (m x n, or a batch [L, m, n]), `rank` of them plus one.
 
-    exact: `torch.linalg.svd` (the reference); fast: randomized `torch.svd_lowrank` with q = rank + oversample.
+    exact: `torch.linalg.svd` (the reference); fast: randomized `torch.svd_lowrank` (Halko et al.) with
+    q = rank + 1 + oversample columns and `niter` power iterations. Both take a batch in one call.
     """
-    k = min(rank, *g.shape)
+    m, n = g.shape[-2:]
+    k = min(rank, m, n)
     if mode == "exact":
         u, s, _ = torch.linalg.svd(g, full_matrices=False)
     elif mode == "fast":
-        q = min(k + oversample, *g.shape)
+        q = min(k + 1 + oversample, m, n)
         u, s, _ = torch.svd_lowrank(g, q=q, niter=niter)
     else:
         raise ValueError(f"svd mode '{mode}' unknown: use one of {', '.join(SVD_MODES)}")
-    return u[:, :k + 1], s[:k + 1]  # one extra value: the FD shrinkage needs sigma_{rank+1}
+    return u[..., :k + 1], s[..., :k + 1]  # one extra value: the FD shrinkage needs sigma_{rank+1}
 
 
 def fd_shrink(u: torch.Tensor, s: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Frequent Directions: keep `rank` directions, each sigma_i^2 reduced by sigma_{rank+1}^2 (0 if absent)."""
-    floor = s[rank] ** 2 if s.numel() > rank else s.new_zeros(())
-    shrunk = torch.sqrt(torch.clamp(s[:rank] ** 2 - floor, min=0))
-    return u[:, :rank], shrunk
+    floor = s[..., rank:rank + 1] ** 2 if s.shape[-1] > rank else torch.zeros_like(s[..., :1])
+    shrunk = torch.sqrt(torch.clamp(s[..., :rank] ** 2 - floor, min=0))
+    return u[..., :rank], shrunk
 
 
 def project_out(g: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
@@ -61,6 +63,8 @@ class CoSOAdam(torch.optim.Optimizer):
            `sketch_rank` directions (sketch <- FD(svd([decay * S, Q])));
         3. R = P^T G', Adam moments on R (proj_rank x n), W <- W - lr * P (m_hat / (sqrt(v_hat) + eps)),
            then decoupled weight decay. Moments are not reset when P changes (GaLore-style).
+    The SVDs of step 2 run batched: the weights of a group that share a shape (attn.proj of every block) are
+    stacked into one [L, m, n] call, and their FD merges into another, in `exact` and `fast` mode alike.
     Plain groups: AdamW.
     The state keeps the sketch (`sketch_u`, `sketch_s`) for `CoSO.end_experience` to read.
     """
@@ -76,44 +80,57 @@ class CoSOAdam(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = {}
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
                 g = p.grad.float()
                 if group["subspace"]:
                     g = project_out(g, self.bases.get(p))
-                    if state["step"] % group["update_gap"] == 0:
-                        self._refresh(state, g, group)
-                    g = state["proj"].T @ g
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(g)
-                    state["exp_avg_sq"] = torch.zeros_like(g)
-                state["step"] += 1
-                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-                m.mul_(beta1).add_(g, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                step_size = group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-                update = m / (v.sqrt() + group["eps"])
-                if group["subspace"]:
-                    update = state["proj"] @ update
-                p.add_(update.to(p.dtype), alpha=-step_size)
-                if group["weight_decay"] > 0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+                grads[p] = g
+            if group["subspace"]:
+                due = [p for p in params if self.state[p]["step"] % group["update_gap"] == 0]
+                self._refresh([self.state[p] for p in due], [grads[p] for p in due], group)
+            for p in params:
+                self._adam(p, grads[p], self.state[p], group)
         return loss
 
     @staticmethod
-    def _refresh(state: dict, g: torch.Tensor, group: dict) -> None:
-        """New projection P from G' and the FD sketch update."""
-        r1, r2 = group["proj_rank"], group["sketch_rank"]
-        u, s = top_subspace(g, max(r1, r2), group["svd"])
-        state["proj"] = u[:, :r1].contiguous()
-        qu, qs = fd_shrink(u, s, r2)
-        if "sketch_u" in state:
-            both = torch.cat([group["decay"] * state["sketch_u"] * state["sketch_s"], qu * qs], dim=1)
-            bu, bs = top_subspace(both, r2, group["svd"])
-            qu, qs = fd_shrink(bu, bs, r2)
-        state["sketch_u"], state["sketch_s"] = qu.contiguous(), qs.contiguous()
+    def _adam(p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        if group["subspace"]:
+            g = state["proj"].T @ g
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(g)
+            state["exp_avg_sq"] = torch.zeros_like(g)
+        state["step"] += 1
+        m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step_size = group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+        update = m / (v.sqrt() + group["eps"])
+        if group["subspace"]:
+            update = state["proj"] @ update
+        p.add_(update.to(p.dtype), alpha=-step_size)
+        if group["weight_decay"] > 0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+    @staticmethod
+    def _refresh(states: list[dict], grads: list[torch.Tensor], group: dict) -> None:
+        """New projections P from the G' and the FD sketch updates, batched over weights of one shape."""
+        r1, r2, mode = group["proj_rank"], group["sketch_rank"], group["svd"]
+        batches: dict[tuple, list[int]] = {}
+        for i, (state, g) in enumerate(zip(states, grads)):
+            batches.setdefault((tuple(g.shape), "sketch_u" in state), []).append(i)
+        for (_, has_sketch), idx in batches.items():
+            u, s = top_subspace(torch.stack([grads[i] for i in idx]), max(r1, r2), mode)
+            qu, qs = fd_shrink(u, s, r2)
+            if has_sketch:
+                old = torch.stack([states[i]["sketch_u"] * states[i]["sketch_s"].unsqueeze(-2) for i in idx])
+                both = torch.cat([group["decay"] * old, qu * qs.unsqueeze(-2)], dim=-1)
+                qu, qs = fd_shrink(*top_subspace(both, r2, mode), r2)
+            for j, i in enumerate(idx):
+                states[i]["proj"] = u[j, :, :r1].contiguous()
+                states[i]["sketch_u"], states[i]["sketch_s"] = qu[j].contiguous(), qs[j].contiguous()

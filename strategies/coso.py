@@ -28,6 +28,8 @@ Deliberate differences from the reference:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +39,9 @@ from cl.strategy import Batch, Strategy
 from cl.subspace import SVD_MODES, CoSOAdam, energy_rank
 
 
+HEAD_INITS = ("default", "zeros")
+
+
 class CoSO(Strategy):
     name = "coso"
     supports = ("class_il", "task_il")
@@ -44,13 +49,15 @@ class CoSO(Strategy):
     def __init__(self, targets=("attn.proj",), proj_rank: int = 50, sketch_rank: int = 120, update_gap: int = 1,
                  energy_threshold: float = 0.98, fd_decay: float = 1.0, temperature: float = 3.0,
                  lr: float = 4e-4, fc_lr: float = 4e-4, betas=(0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, svd: str = "exact", **hparams):
+                 weight_decay: float = 0.0, svd: str = "exact", head_init: str = "default", **hparams):
         if svd not in SVD_MODES:
             raise ConfigError(f"strategy.svd='{svd}' is unknown: use one of {', '.join(SVD_MODES)}")
+        if head_init not in HEAD_INITS:
+            raise ConfigError(f"strategy.head_init='{head_init}' is unknown: use one of {', '.join(HEAD_INITS)}")
         super().__init__(targets=list(targets), proj_rank=proj_rank, sketch_rank=sketch_rank,
                          update_gap=update_gap, energy_threshold=energy_threshold, fd_decay=fd_decay,
                          temperature=temperature, lr=lr, fc_lr=fc_lr, betas=list(betas), eps=eps,
-                         weight_decay=weight_decay, svd=svd, **hparams)
+                         weight_decay=weight_decay, svd=svd, head_init=head_init, **hparams)
         self.h = self.hparams
         self._opt: CoSOAdam | None = None
 
@@ -74,7 +81,11 @@ class CoSO(Strategy):
 
     # --- experience ------------------------------------------------------------------------------
     def _new_head(self, n_out: int) -> nn.Linear:
-        return nn.Linear(self.backbone.feature_dim, n_out, device=self.order.device)
+        head = nn.Linear(self.backbone.feature_dim, n_out, device=self.order.device)
+        if self.h["head_init"] == "zeros":
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        return head
 
     def begin_experience(self, exp):
         classes = torch.as_tensor(list(exp.classes), dtype=torch.long, device=self.order.device)
@@ -98,6 +109,16 @@ class CoSO(Strategy):
             betas=tuple(h["betas"]), eps=h["eps"], weight_decay=h["weight_decay"],
             bases=dict(zip(self.target_weights, self.bases)))
         return self._opt
+
+    def begin_epoch(self, epoch: int, n_epochs: int) -> None:
+        """The reference's schedule (utils/scheduler.py CosineSchedule): lr_e = base cos(99 pi e / (200 (E - 1))),
+        restarted each experience; it ends at cos(0.495 pi) = 0.016 of the base. Set absolutely at every epoch
+        start, so it holds whatever the trainer's own scheduler did after the previous epoch."""
+        if self._opt is None:
+            return
+        factor = math.cos(99 * math.pi * epoch / (200 * (n_epochs - 1))) if n_epochs > 1 else 1.0
+        for group, base in zip(self._opt.param_groups, (self.h["lr"], self.h["fc_lr"])):
+            group["lr"] = base * factor
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         logits = self.heads[-1](self.backbone(batch.x)) / self.h["temperature"]
