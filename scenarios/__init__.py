@@ -12,6 +12,7 @@ from cl.errors import ConfigError
 from cl.stream import Stream
 from scenarios import loaders as _builtin_loaders  # noqa: F401  (registers digits, synthetic, imagefolder)
 from scenarios import benchmarks as _benchmarks  # noqa: F401  (registers cifar100, imagenet-r, ... vtab)
+from scenarios import domainnet as _domainnet  # noqa: F401  (registers domainnet: CoSO's InfLoRA split lists)
 from scenarios.builders import class_incremental, class_order, domain_incremental, task_splits
 from scenarios.config import as_dict, check_choice, get_bool, get_int, get_str
 from scenarios.datasets import (
