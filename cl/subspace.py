@@ -17,17 +17,18 @@ def top_subspace(g: torch.Tensor, rank: int, mode: str = "exact", oversample: in
     """Leading left singular vectors and values of `g` (m x n, or a batch [L, m, n]), `rank` of them plus one.
 
     exact: `torch.linalg.svd` (the reference); fast: randomized `torch.svd_lowrank` (Halko et al.) with
-    q = rank + 1 + oversample columns and `niter` power iterations. Both take a batch in one call.
+    q = rank + 1 + oversample columns and `niter` power iterations, or the exact SVD where q would reach min(m, n)
+    (a full-width random range is only a slower exact SVD). Both take a batch in one call.
     """
+    if mode not in SVD_MODES:
+        raise ValueError(f"svd mode '{mode}' unknown: use one of {', '.join(SVD_MODES)}")
     m, n = g.shape[-2:]
     k = min(rank, m, n)
-    if mode == "exact":
-        u, s, _ = torch.linalg.svd(g, full_matrices=False)
-    elif mode == "fast":
-        q = min(k + 1 + oversample, m, n)
+    q = k + 1 + oversample
+    if mode == "fast" and q < min(m, n):
         u, s, _ = torch.svd_lowrank(g, q=q, niter=niter)
     else:
-        raise ValueError(f"svd mode '{mode}' unknown: use one of {', '.join(SVD_MODES)}")
+        u, s, _ = torch.linalg.svd(g, full_matrices=False)
     return u[..., :k + 1], s[..., :k + 1]  # one extra value: the FD shrinkage needs sigma_{rank+1}
 
 

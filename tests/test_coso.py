@@ -108,23 +108,24 @@ def tiny_coso(*overrides):
 
 
 def test_fast_svd_keeps_the_exact_subspace_of_the_tiny_streams_gradients():
-    """On real attn.proj gradients (vit-tiny, the synthetic stream) at the default ranks, the fast projection P
-    captures the gradient energy of the exact one to 1% and the FD sketch's spectrum to 2%."""
+    """On real attn.proj gradients (vit-tiny, the synthetic stream; nn.Linear heads, since zero heads pass no
+    gradient back on the first step), the fast projection captures the gradient energy of the exact one to 1%
+    at r = 8, 16, 50 (randomized: q = r + 11 < 128), and the leading 16 singular values to 1%."""
     from cl.strategy import Batch
 
-    coso, stream, x, y = tiny_coso()
+    coso, stream, x, y = tiny_coso("strategy.head_init=default")
     coso.observe_classes(stream[0])
     coso.configure_optimizer(coso.begin_experience(stream[0]))
     coso.train_step(Batch(x, y)).backward()
     for w in coso.target_weights:
         g = w.grad
-        ue, se = top_subspace(g, 120, "exact")
-        torch.manual_seed(0)
-        uf, sf = top_subspace(g, 120, "fast")
-        for r in (8, 50):
+        for r in (8, 16, 50):
+            ue, se = top_subspace(g, r, "exact")
+            torch.manual_seed(0)
+            uf, sf = top_subspace(g, r, "fast")
             exact, fast = (ue[:, :r].T @ g).norm() ** 2, (uf[:, :r].T @ g).norm() ** 2
             assert fast >= 0.99 * exact, (r, float(fast / exact))
-        assert torch.allclose(fd_shrink(uf, sf, 50)[1], fd_shrink(ue, se, 50)[1], rtol=0.02)
+        assert torch.allclose(sf[:16], se[:16], rtol=0.01)
 
 
 def test_zero_heads_keep_each_heads_logits_zero_mean_and_the_schedule_is_the_references():
@@ -151,14 +152,17 @@ def test_zero_heads_keep_each_heads_logits_zero_mean_and_the_schedule_is_the_ref
 
 @pytest.fixture(scope="module")
 def coso_runs(tmp_path_factory):
-    """coso (exact and fast) and finetune on the tiny stream with the same overrides. debug=fast alone gives 2 steps
-    per experience, in which neither learns anything (both predict one class: last acc 10.00); 5 epochs (10 steps)
-    as test_lae.py uses."""
+    """coso and finetune on the tiny stream with the same overrides, and coso exact vs fast at ranks 8/16 (at the
+    default 50/120 the fast mode's q would reach vit-tiny's width 128, where it runs the exact SVD). debug=fast
+    alone gives 2 steps per experience, in which neither learns anything (both predict one class: last acc
+    10.00); 5 epochs (10 steps) as test_lae.py uses."""
     from cl.experiment import run_experiment
 
     root = tmp_path_factory.mktemp("coso")
     out = {}
-    for name, extra in (("coso", []), ("coso_fast", ["strategy.svd=fast"]), ("finetune", [])):
+    small = ["strategy.proj_rank=8", "strategy.sketch_rank=16"]
+    for name, extra in (("coso", []), ("coso_exact16", small), ("coso_fast16", [*small, "strategy.svd=fast"]),
+                        ("finetune", [])):
         cfg = compose_config([f"strategy={name.split('_')[0]}", *TINY, "trainer.epochs=5", *extra,
                               f"results_root={root}", "trainer.progress=false", "trainer.device=cpu"])
         out[name] = json.loads(run_experiment(cfg, out=lambda *a: None).read_text())
@@ -172,7 +176,7 @@ def test_coso_beats_finetune_on_the_tiny_stream(coso_runs):
 
 
 def test_fast_svd_keeps_the_accuracy_of_exact_on_the_tiny_stream(coso_runs):
-    exact, fast = (coso_runs[k]["metrics"] for k in ("coso", "coso_fast"))
+    exact, fast = (coso_runs[k]["metrics"] for k in ("coso_exact16", "coso_fast16"))
     print(f"last accuracy: exact {exact['last_acc']:.2f}  fast {fast['last_acc']:.2f}")
     assert abs(exact["last_acc"] - fast["last_acc"]) <= 5
     assert fast["last_acc"] > coso_runs["finetune"]["metrics"]["last_acc"]
