@@ -13,18 +13,27 @@ on LAMDA-PILOT and GaLore; facts in shared/reference/lora_subspace_sparse.md sec
            (`cl.subspace.CoSOAdam`); the head trains with AdamW at `fc_lr`;
         3. task end: k = #{i : cumsum(sigma_i^2 / sum sigma^2) < energy_threshold} over the sketch's spectrum,
            M <- [M, U_S[:, :k]]; optimiser state and schedule restart with the next experience;
+        lr per epoch e of E: base * cos(99 pi e / (200 (E - 1))) for both groups (ends at 0.016 of the base);
     inference: concatenate all heads' logits (no temperature), argmax over all seen classes.
 
 `svd: exact` is the reference (full SVD per step); `svd: fast` uses a randomized low-rank SVD
-(`torch.svd_lowrank`, rank + 10 columns, 2 power iterations) for both the projection and the FD merge.
+(`torch.svd_lowrank`, rank + 11 columns, 2 power iterations; the exact SVD where that would be full width) for the
+projection and the FD merge. Both run batched over the targets' stacked gradients (`cl.subspace.CoSOAdam`).
 
 Deliberate differences from the reference:
-- LR schedule: the trainer's per-epoch cosine (CosineAnnealingLR to 0) instead of cos(99 pi e / (200 (E-1)))
-  (which ends at ~0.016 of the base); each experience restarts it, as the reference does.
-- The FD merge uses the shrunk singular values of the sketch as its spectrum for the energy rule.
+- `head_init: zeros` (the default here; the paper presets set `default`, the reference's nn.Linear init). Cross-
+  entropy over one head's classes never moves that head's mean logit (sum_c dL/dz_c = 0; for a 2-class head under
+  Adam the two rows stay exact opposites), so each head keeps its random initial offset w_sum . f + b_sum for ever,
+  and class-IL inference compares heads through it. On a pre-trained ViT the learnt margins dwarf it; on the
+  random vit-tiny of the test stream, whose features are almost one shared vector (norm 11.28 of 11.31), it decides
+  every prediction: with nn.Linear's init the whole test set goes to one head (last acc 13.75 at 5 epochs), from
+  zeros the heads compete by their margins (26.88; docs/coso.md). A side effect: the first step of each task
+  passes no gradient to the targets (the new head is zero), so it updates the head only.
 - Global class ids: each head's outputs are placed at its classes' global ids (the reference relabels classes).
 - The historical basis is stored per target as a tensor in the strategy state (resume-safe), concatenated without
   re-orthogonalisation as in the reference.
+- The lr schedule is the reference's (`begin_epoch`), with E = 1 meaning a constant lr (the reference divides by
+  E - 1 = 0); the trainer's scheduler is set to constant in configs/strategy/coso.yaml and overwritten anyway.
 """
 from __future__ import annotations
 

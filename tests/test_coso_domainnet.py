@@ -62,7 +62,8 @@ def test_missing_lists_show_the_expected_tree(tmp_path):
 def test_missing_images_and_bad_targets_are_named(tmp_path):
     make_tree(tmp_path)
     (tmp_path / "real" / "dog" / "test_1.png").unlink()
-    with pytest.raises(DatasetError, match=r"1 of 16 images listed in .*domainnet_testb.yaml are missing, first: .*dog"):
+    missing = r"1 of 16 images listed in .*domainnet_testb.yaml are missing, first: .*dog"
+    with pytest.raises(DatasetError, match=missing):
         scenarios.build(tiny_cfg(tmp_path))
     with pytest.raises(DatasetError, match=r"targets outside 0..2 .*set scenario.n_classes"):
         scenarios.build(tiny_cfg(tmp_path, "scenario.n_classes=3"))
