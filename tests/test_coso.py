@@ -175,6 +175,20 @@ def test_coso_beats_finetune_on_the_tiny_stream(coso_runs):
     assert coso > ft + 5
 
 
+def test_coso_beats_finetune_under_plain_debug_fast(tmp_path):
+    """The issue's literal setting: 2 steps per experience. finetune predicts one class (10.00); coso's zero-mean
+    heads already split the test set between heads (15.62 measured; a thin margin, the 5-epoch test is the robust
+    one)."""
+    from cl.experiment import run_experiment
+
+    last = {}
+    for name in ("coso", "finetune"):
+        cfg = compose_config([f"strategy={name}", *TINY, f"results_root={tmp_path}", "trainer.progress=false",
+                              "trainer.device=cpu"])
+        last[name] = json.loads(run_experiment(cfg, out=lambda *a: None).read_text())["metrics"]["last_acc"]
+    assert last["coso"] > last["finetune"], last
+
+
 def test_fast_svd_keeps_the_accuracy_of_exact_on_the_tiny_stream(coso_runs):
     exact, fast = (coso_runs[k]["metrics"] for k in ("coso_exact16", "coso_fast16"))
     print(f"last accuracy: exact {exact['last_acc']:.2f}  fast {fast['last_acc']:.2f}")
@@ -185,3 +199,14 @@ def test_fast_svd_keeps_the_accuracy_of_exact_on_the_tiny_stream(coso_runs):
 def test_the_historical_subspace_grows_at_each_task_end(coso_runs):
     ranks = coso_runs["coso"]["strategy_info"]["history_rank"]  # per attn.proj (128 x 128), after the 5 tasks
     assert len(ranks) == 4 and all(0 < r < 128 for r in ranks)
+
+
+def test_coso_resumes_to_the_same_matrix(compose, run_quiet, tmp_path):
+    """The historical bases and the per-task heads travel in the checkpoint (get_extra_state, load_state_dict)."""
+    overrides = ["strategy=coso", *TINY, "trainer.epochs=2"]
+    a, _ = run_quiet(compose(*overrides, f"results_root={tmp_path / 'a'}"))
+    run_quiet(compose(*overrides, f"results_root={tmp_path / 'b'}", "trainer.stop_after=2"))
+    b, _ = run_quiet(compose(*overrides, f"results_root={tmp_path / 'b'}"))
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ra["acc_matrix"] == rb["acc_matrix"] and ra["task_il_matrix"] == rb["task_il_matrix"]
+    assert ra["strategy_info"]["history_rank"] == rb["strategy_info"]["history_rank"]
