@@ -26,9 +26,11 @@ Deliberate differences from the reference:
   Adam the two rows stay exact opposites), so each head keeps its random initial offset w_sum . f + b_sum for ever,
   and class-IL inference compares heads through it. On a pre-trained ViT the learnt margins dwarf it; on the
   random vit-tiny of the test stream, whose features are almost one shared vector (norm 11.28 of 11.31), it decides
-  every prediction: with nn.Linear's init the whole test set goes to one head (last acc 13.75 at 5 epochs), from
+  every prediction: with nn.Linear's init every task but one scores 0 (last acc 13.75 at 5 epochs), from
   zeros the heads compete by their margins (26.88; docs/coso.md). A side effect: the first step of each task
   passes no gradient to the targets (the new head is zero), so it updates the head only.
+- P is projected out of M after each refresh (cl/subspace.py CoSOAdam): without it, P's null-space columns let
+  Adam-amplified noise into M (2e-3 of the step on vit-tiny; 2e-7 with it).
 - Global class ids: each head's outputs are placed at its classes' global ids (the reference relabels classes).
 - The historical basis is stored per target as a tensor in the strategy state (resume-safe), concatenated without
   re-orthogonalisation as in the reference.

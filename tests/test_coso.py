@@ -150,6 +150,35 @@ def test_zero_heads_keep_each_heads_logits_zero_mean_and_the_schedule_is_the_ref
     assert logits.mean(1).abs().max() < 1e-4
 
 
+def test_the_strategy_updates_attn_proj_orthogonally_to_the_previous_tasks_basis():
+    """Through the strategy: task 0 trains, its end grows every target's basis M by the energy rule; task 1's
+    updates of the attn.proj weights then have no component in M (to float tolerance)."""
+    from cl.strategy import Batch
+
+    coso, stream, _, _ = tiny_coso("strategy.head_init=default", "strategy.lr=0.01")
+    for t in (0, 1):
+        exp = stream[t]
+        xs, ys = zip(*[exp.train[i] for i in range(16)])
+        x, y = torch.stack(xs).float() / 255, torch.tensor(ys)
+        coso.observe_classes(exp)
+        opt = coso.configure_optimizer(coso.begin_experience(exp))
+        before = [w.detach().clone() for w in coso.target_weights]
+        for _ in range(3):
+            opt.zero_grad()
+            coso.train_step(Batch(x, y)).backward()
+            opt.step()
+        if t == 1:
+            for w, w0, m in zip(coso.target_weights, before, coso.bases):
+                delta = w.detach() - w0
+                assert delta.abs().max() > 1e-4
+                assert (m.T @ delta).abs().max() < 1e-5 * delta.abs().max()
+        state = [opt.state[w] for w in coso.target_weights]
+        expected = [energy_rank(st["sketch_s"], 0.98) for st in state]
+        coso.end_experience(exp, None)
+        if t == 0:
+            assert [b.shape[1] for b in coso.bases] == expected and min(expected) > 0
+
+
 @pytest.fixture(scope="module")
 def coso_runs(tmp_path_factory):
     """coso and finetune on the tiny stream with the same overrides, and coso exact vs fast at ranks 8/16 (at the
