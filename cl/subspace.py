@@ -97,7 +97,10 @@ class CoSOAdam(torch.optim.Optimizer):
                     g = project_out(g, self.bases.get(p))
                 grads[p] = g
             if group["subspace"]:
-                due = [p for p in params if self.state[p]["step"] % group["update_gap"] == 0]
+                # Also refresh early when P came from an all-zero gradient (a zero-initialised head's first step):
+                # it spans nothing, and with update_gap > 1 it would block the weight for the whole gap.
+                due = [p for p in params
+                       if self.state[p]["step"] % group["update_gap"] == 0 or self.state[p].get("blank", False)]
                 self._refresh([self.state[p] for p in due], [grads[p] for p in due], group)
                 for p in due:  # P's trailing columns may span G''s null space, M included: keep the steps out of M
                     self.state[p]["proj"] = project_out(self.state[p]["proj"], self.bases.get(p))
@@ -140,5 +143,6 @@ class CoSOAdam(torch.optim.Optimizer):
                 both = torch.cat([group["decay"] * old, qu * qs.unsqueeze(-2)], dim=-1)
                 qu, qs = fd_shrink(*top_subspace(both, r2, mode), r2)
             for j, i in enumerate(idx):
+                states[i]["blank"] = bool(s[j, 0] <= 0)
                 states[i]["proj"] = u[j, :, :r1].contiguous()
                 states[i]["sketch_u"], states[i]["sketch_s"] = qu[j].contiguous(), qs[j].contiguous()

@@ -89,6 +89,19 @@ def test_batched_refresh_equals_one_weight_at_a_time():
         assert torch.allclose(together.state[w]["sketch_s"], opt.state[v]["sketch_s"], atol=1e-4)
 
 
+def test_a_projection_from_a_zero_gradient_is_replaced_at_the_next_step():
+    w = torch.nn.Parameter(torch.zeros(12, 9))
+    opt = CoSOAdam([{"params": [w], "subspace": True, "proj_rank": 2, "sketch_rank": 3, "update_gap": 20}], lr=0.1)
+    w.grad = torch.zeros(12, 9)  # a zero head passes no gradient back on its first step
+    opt.step()
+    assert opt.state[w]["blank"] and w.abs().max() == 0
+    g, u = known_spectrum()
+    w.grad = g
+    opt.step()  # step 1 of a 20-step gap: refreshed anyway
+    assert not opt.state[w]["blank"]
+    assert torch.allclose((u[:, :2].T @ opt.state[w]["proj"]).abs(), torch.eye(2), atol=1e-5)
+
+
 # --- the strategy on the tiny stream -------------------------------------------------------------------------------
 TINY = ["scenario=synthetic", "backbone=vit-tiny", "debug=fast"]
 
