@@ -21,12 +21,12 @@ on LAMDA-PILOT and GaLore; facts in shared/reference/lora_subspace_sparse.md sec
 projection and the FD merge. Both run batched over the targets' stacked gradients (`cl.subspace.CoSOAdam`).
 
 Deliberate differences from the reference:
-- `head_init: zeros` (the default here; the paper presets set `default`, the reference's nn.Linear init). Cross-
-  entropy over one head's classes never moves that head's mean logit (sum_c dL/dz_c = 0; for a 2-class head under
-  Adam the two rows stay exact opposites), so each head keeps its random initial offset w_sum . f + b_sum for ever,
-  and class-IL inference compares heads through it. On a pre-trained ViT the learnt margins dwarf it (argued, not
-  measured); on the random vit-tiny of the test stream, whose features are almost one shared vector (norm 11.28 of
-  11.31), it decides every prediction: with nn.Linear's init every task but one scores 0 (last acc 13.75 at 5
+- `head_init: zeros` (the default here; the paper presets set `default`, the reference's nn.Linear init).
+  Cross-entropy over one head's classes never moves that head's mean logit (sum_c dL/dz_c = 0; for a 2-class head
+  under Adam the two rows stay exact opposites), so each head keeps its random initial offset w_sum . f + b_sum for
+  ever, and class-IL inference compares heads through it. On a pre-trained ViT the learnt margins dwarf it (argued,
+  not measured); on the random vit-tiny of the test stream, whose features are almost one shared vector (norm 11.28
+  of 11.31), it decides every prediction: with nn.Linear's init every task but one scores 0 (last acc 13.75 at 5
   epochs), from zeros the heads compete by their margins (26.88; docs/coso.md). A side effect: the first step of
   each task passes no gradient to the targets (the new head is zero), so it updates the head only, and CoSOAdam
   refreshes the projection again at the next step instead of keeping a blank one for `update_gap` steps.
