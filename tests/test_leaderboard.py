@@ -71,19 +71,21 @@ def test_find_results_skips_broken_files(tmp_path):
     assert [r["strategy"] for r in find_results([tmp_path])] == ["x"]
 
 
+SWEEP = ["strategy=finetune,simplecil,avalanche/naive", "seed=0,1", "scenario=digits", "debug=fast",
+         "scenario.limit_per_class=8", "trainer.device=cpu", "trainer.progress=false"]
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """simplecil x 2 seeds and finetune x 1 seed on the tiny synthetic stream, run in-process."""
-    from cl.cli import compose_config
-    from cl.experiment import run_experiment
-
+    """A real `run.py -m` multirun with Hydra's basic launcher: native and Avalanche strategies x 2 seeds on the
+    tiny digits stream (6 runs, one process)."""
     root = tmp_path_factory.mktemp("sweep")
-    for strategy, seeds in (("finetune", (0,)), ("simplecil", (0, 1))):
-        for seed in seeds:
-            cfg = compose_config([f"results_root={root}", "trainer.progress=false", "trainer.device=cpu",
-                                  f"strategy={strategy}", "scenario=synthetic", "debug=fast", f"seed={seed}"])
-            run_experiment(cfg, out=lambda *a: None)
-    return root
+    p = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", *SWEEP, f"results_root={root / 'runs'}",
+                        f"hydra.sweep.dir={root / 'multirun'}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert p.stdout.count("result: ") == 6, p.stdout[-2000:]
+    return root / "runs"
 
 
 def test_leaderboard_cli_from_a_sweep(sweep, tmp_path):
@@ -95,12 +97,22 @@ def test_leaderboard_cli_from_a_sweep(sweep, tmp_path):
                  "acc_vs_cost.png", "acc_matrices.svg"):
         assert (out / name).stat().st_size > 0, name
     md = (out / "leaderboard.md").read_text()
-    assert "finetune" in md and "simplecil" in md and "not run" in md  # the presets have no result here
+    # native and Avalanche strategies side by side; the presets have no result here: "not run" beside the paper
+    for name in ("finetune", "simplecil", "avalanche/naive"):
+        assert f"| {name} | digits | resnet-tiny | 2 |" in md, md
+    not_run = [line for line in md.splitlines() if "| not run |" in line]
+    assert not_run and all(line.rstrip(" |").rsplit("|", 1)[-1].strip() for line in not_run)  # a paper cell
     html = (out / "leaderboard.html").read_text()
-    assert '<img src="acc_curves.png">' in html
+    assert '<img src="acc_curves.png">' in html and "avalanche/naive" in html
     import pandas as pd
 
     csv = pd.read_csv(out / "leaderboard.csv")
-    ran = csv[csv["status"] == "run"]
-    assert set(ran["strategy"]) == {"finetune", "simplecil"} and list(ran.sort_values("strategy")["n"]) == [1, 2]
+    ran = csv[csv["status"] == "run"].sort_values("strategy")
+    assert list(ran["strategy"]) == ["avalanche/naive", "finetune", "simplecil"] and list(ran["n"]) == [2, 2, 2]
     assert all(0 <= v <= 100 and not math.isnan(v) for v in ran["last_acc_mean"])
+    assert all(s >= 0 and not math.isnan(s) for s in ran["last_acc_std"])  # two seeds: a spread is shown
+    # the table's means are the runs' own numbers
+    runs = find_results([sweep])
+    simple = [r["metrics"]["last_acc"] for r in runs if r["strategy"] == "simplecil"]
+    row = ran[ran["strategy"] == "simplecil"].iloc[0]
+    assert row["last_acc_mean"] == pytest.approx(sum(simple) / 2)
