@@ -29,6 +29,7 @@ REGISTRY: dict[str, str] = {
     "tent": "strategies.tent:Tent",
     "cotta": "strategies.cotta:CoTTA",
     "coso": "strategies.coso:CoSO",
+    "mora": "strategies.mora:MoRA",
 }
 
 

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl.clip_heads import union_label_head
 from cl.strategy import Batch, Strategy
 
 
 class Finetune(Strategy):
     name = "finetune"
-    supports = ("class_il", "task_il", "domain_il")
+    supports = ("class_il", "task_il", "domain_il", "union_label")
 
     def __init__(self, freeze_backbone: bool = False, **hparams):
         super().__init__(freeze_backbone=freeze_backbone, **hparams)
@@ -23,7 +24,8 @@ class Finetune(Strategy):
 
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)
-        self.head = nn.Linear(backbone.feature_dim, info.n_classes)
+        # union_label (X-TAIL): CLIP's zero-shot text-embedding classifier over every class name (cl/clip_heads.py)
+        self.head = union_label_head(self) if info.kind == "union_label" else nn.Linear(backbone.feature_dim, info.n_classes)
         backbone.requires_grad_(not self.freeze_backbone)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
