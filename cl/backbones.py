@@ -32,6 +32,7 @@ SOURCES: dict[str, str] = {
     "hf": "cl.backbones_hf:build_hf",  # local Hugging Face text encoders (the text extra)
     "synthetic-c": "scenarios.synthetic_c:build_source",
     "open_clip": "cl.backbones_open_clip:build_open_clip",
+    "timm-cifar": "cl.backbones_cifar:build_timm_cifar",  # ResNets with the 3x3 CIFAR stem (SparCL, DER++)
 }
 
 

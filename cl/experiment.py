@@ -237,6 +237,7 @@ class Run:
         self.meta: dict[str, Any] = {}
         self.failure: dict | None = None
         self.interruption: dict | None = None
+        self.strategy_metrics: dict[str, Any] = {}  # Strategy.run_metrics() at the last finished experience
 
     def result(self, history: History, status: str) -> dict:
         cfg = self.cfg
@@ -254,7 +255,7 @@ class Run:
             "test_counts": history.test_counts,
             "initial_accuracy": history.initial_accuracy,
             "initial_task_il_accuracy": history.initial_task_il_accuracy,
-            "metrics": compute_metrics(history, cfg["scenario"]["kind"]),
+            "metrics": {**compute_metrics(history, cfg["scenario"]["kind"]), **self.strategy_metrics},
             "costs": {"per_experience": history.costs, "total_wall_s": total},
             "failure": self.failure,
             "interruption": self.interruption,
@@ -380,6 +381,7 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
         status = "finished" if i + 1 == len(stream) else "partial"
         run.interruption = None
         run.meta["strategy_info"] = dict(strat.describe())  # what the method grew (SEMA's experts, ...) so far
+        run.strategy_metrics = dict(getattr(strat, "run_metrics", dict)())  # SparCL's sparsity and FLOPs
         run.dir.write_result(run.result(hist, status))
         run.dir.log_event("experience_end", experience=i, accuracy=hist.acc_matrix[-1][: i + 1],
                           wall_s=hist.costs[-1]["wall_s"])
@@ -456,15 +458,11 @@ def _print_summary(result: Mapping[str, Any], out=print) -> None:
     m = result["metrics"]
     costs = result["costs"]
     paper = result.get("paper") or {}
-    for key in ("avg_incremental_acc", "last_acc", "forgetting", "transfer", "average", "last"):
+    for key in ("avg_incremental_acc", "last_acc", "forgetting"):
         if key in paper and key in m:
             out(f"{key}: measured {m[key]:.2f}  paper {paper[key]:.2f}")
     if "mean_error" in m:
         out(f"mean online error {m['mean_error']:.2f}  wall {costs['total_wall_s']:.1f}s")
-        return
-    if "transfer" in m:  # union-label streams (X-TAIL): scenarios/union_label_metrics.py
-        out(f"transfer {m['transfer']:.2f}  average {m['average']:.2f}  last {m['last']:.2f}  "
-            f"wall {costs['total_wall_s']:.1f}s")
         return
     line = (f"avg incremental acc {m['avg_incremental_acc']:.2f}  last acc {m['last_acc']:.2f}  "
             f"forgetting {m['forgetting']:.2f}  bwt {m['bwt']:.2f}  "

@@ -136,6 +136,11 @@ class Strategy(nn.Module):
         `begin_experience` do not tell (SEMA creates its expansions inside `fit_experience`); None: count the groups."""
         return None
 
+    def run_metrics(self) -> Mapping[str, Any]:
+        """The method's own headline numbers so far (SparCL's sparsity and training FLOPs), merged into the
+        result's `metrics` after every experience; plain numbers only."""
+        return {}
+
     # Buffers that count as added parameters (prototypes, statistics): prefixes of their names.
     stored_buffers: tuple[str, ...] = ()
 

@@ -29,7 +29,8 @@ REGISTRY: dict[str, str] = {
     "tent": "strategies.tent:Tent",
     "cotta": "strategies.cotta:CoTTA",
     "coso": "strategies.coso:CoSO",
-    "mora": "strategies.mora:MoRA",
+    "derpp": "strategies.derpp:DERpp",
+    "sparcl": "strategies.sparcl:SparCL",
 }
 
 
