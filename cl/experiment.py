@@ -458,11 +458,15 @@ def _print_summary(result: Mapping[str, Any], out=print) -> None:
     m = result["metrics"]
     costs = result["costs"]
     paper = result.get("paper") or {}
-    for key in ("avg_incremental_acc", "last_acc", "forgetting"):
+    for key in ("avg_incremental_acc", "last_acc", "forgetting", "transfer", "average", "last"):
         if key in paper and key in m:
             out(f"{key}: measured {m[key]:.2f}  paper {paper[key]:.2f}")
     if "mean_error" in m:
         out(f"mean online error {m['mean_error']:.2f}  wall {costs['total_wall_s']:.1f}s")
+        return
+    if "transfer" in m:  # union-label streams (X-TAIL): scenarios/union_label_metrics.py
+        out(f"transfer {m['transfer']:.2f}  average {m['average']:.2f}  last {m['last']:.2f}  "
+            f"wall {costs['total_wall_s']:.1f}s")
         return
     line = (f"avg incremental acc {m['avg_incremental_acc']:.2f}  last acc {m['last_acc']:.2f}  "
             f"forgetting {m['forgetting']:.2f}  bwt {m['bwt']:.2f}  "

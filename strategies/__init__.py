@@ -31,6 +31,7 @@ REGISTRY: dict[str, str] = {
     "coso": "strategies.coso:CoSO",
     "derpp": "strategies.derpp:DERpp",
     "sparcl": "strategies.sparcl:SparCL",
+    "mora": "strategies.mora:MoRA",
 }
 
 
