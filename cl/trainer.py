@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset
 
+from .cache import model_input  # to_model_input, plus the image cache's device-side augmentation
 from .data import make_loader, to_model_input
 from .errors import ConfigError, NonFiniteLossError, RunInterrupted  # noqa: F401  (re-exported)
 from .feature_cache import FeatureCache
@@ -214,7 +215,8 @@ class Trainer:
         strategy.feature_cache = (FeatureCache(self.device, self.cfg.eval_batch_size, self.autocast_dtype)
                                   if self.cfg.feature_cache else None)
         n = len(stream)
-        if self.cfg.eval_future and history.initial_accuracy is None:
+        # eval_initial (a forgetting stream): the untouched original model is the reference its metrics need
+        if (self.cfg.eval_future or getattr(stream, "eval_initial", False)) and history.initial_accuracy is None:
             row, task_row, counts = self.evaluate(stream, strategy, upto=n - 1, mask_to_seen=False)
             history.initial_accuracy, history.initial_task_il_accuracy = row, task_row
             history.test_counts = counts
@@ -362,7 +364,7 @@ class Trainer:
             for b, (x, y) in enumerate(batches, start=skip):
                 if b >= steps_per_epoch:
                     break
-                batch = Batch(to_model_input(x, size, chans, self.device), y.to(self.device, non_blocking=True),
+                batch = Batch(model_input(x, size, chans, self.device), y.to(self.device, non_blocking=True),
                               self._task_ids(strategy, task_id, len(y)))
                 with self.autocast():
                     loss = strategy.train_step(batch)
@@ -459,7 +461,8 @@ class Trainer:
         masks the logits to the sample's own experience classes (Mammoth's logit masking).
         """
         strategy.eval()
-        exps = [stream[j] for j in range(upto + 1)]
+        # A stream may test groups other than its experiences (forgetting: every class group after every request)
+        exps = list(getattr(stream, "eval_experiences", None) or [stream[j] for j in range(upto + 1)])
         union = ConcatDataset([e.test for e in exps])
         counts = [len(e.test) for e in exps]
         sample_exp = torch.repeat_interleave(torch.arange(len(exps)), torch.tensor(counts)).to(self.device)

@@ -165,11 +165,16 @@ class ImageFolderDataset(PilotTransformed):
         augmenting = self.train and augment == "pilot"
         self.transform = pilot_train_transform(self.image_size) if augmenting else eval_transform(self.image_size)
 
+    cache = None  # a cl.cache.ImageCache when scenario.image_cache is on: decoded once, augmented on the device
+
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
+        if self.cache is not None:
+            augmenting = self.train and self.augment == "pilot"
+            return (self.cache.train_item(i) if augmenting else self.cache.eval_item(i)), int(label)
         try:
             with Image.open(path) as image:
                 rgb = image.convert("RGB")
