@@ -27,7 +27,12 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int =
 
 
 def to_model_input(x: torch.Tensor, size: int, channels: int, device: torch.device) -> torch.Tensor:
-    """uint8 `[B, C, H, W]` (or float in [0, 1]) -> float `[B, channels, size, size]` in [0, 1] on `device`."""
+    """uint8 `[B, C, H, W]` (or float in [0, 1]) -> float `[B, channels, size, size]` in [0, 1] on `device`.
+
+    Text batches (the `text` kind: the default collate makes a list of strings) pass through unchanged; the
+    text backbone tokenises them on its own device (cl/backbones_hf.py)."""
+    if isinstance(x, (list, tuple)):
+        return list(x)
     x = x.to(device, non_blocking=True)
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
     if x.shape[1] != channels:

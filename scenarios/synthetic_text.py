@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+N_CLASSES_PER_TASK = 2
+# (task name, topic words, cue words of each class)
 TOPICS = [
     ("sports", ["football", "match", "goal", "team", "league", "coach"], [["won", "victory", "champion"], ["lost", "defeat", "injury"]]),
     ("food", ["restaurant", "dinner", "chef", "menu", "pizza", "dessert"], [["delicious", "tasty", "wonderful"], ["awful", "cold", "bland"]]),

@@ -32,6 +32,7 @@ REGISTRY: dict[str, str] = {
     "derpp": "strategies.derpp:DERpp",
     "sparcl": "strategies.sparcl:SparCL",
     "mora": "strategies.mora:MoRA",
+    "slm": "strategies.slm:SLM",
 }
 
 

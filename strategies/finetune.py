@@ -16,7 +16,7 @@ from cl.strategy import Batch, Strategy
 
 class Finetune(Strategy):
     name = "finetune"
-    supports = ("class_il", "task_il", "domain_il", "union_label")
+    supports = ("class_il", "task_il", "domain_il", "text", "union_label")
 
     def __init__(self, freeze_backbone: bool = False, **hparams):
         super().__init__(freeze_backbone=freeze_backbone, **hparams)
