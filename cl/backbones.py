@@ -31,6 +31,7 @@ SOURCES: dict[str, str] = {
     "timm": "cl.backbones:build_timm",
     "hf": "cl.backbones_hf:build_hf",  # local Hugging Face text encoders (the text extra)
     "synthetic-c": "scenarios.synthetic_c:build_source",
+    "synthetic-forget": "scenarios.synthetic_forget:build_source",  # original classifier + .head
     "open_clip": "cl.backbones_open_clip:build_open_clip",
     "timm-cifar": "cl.backbones_cifar:build_timm_cifar",  # ResNets with the 3x3 CIFAR stem (SparCL, DER++)
 }

@@ -83,6 +83,7 @@ def _square(matrix: list[list[float | None]]) -> list[list[float]]:
 # Kinds whose headline metrics are their own: "module:function(history) -> dict", imported when used.
 KIND_METRICS: dict[str, str] = {
     "union_label": "scenarios.union_label_metrics:from_history",
+    "forgetting": "scenarios.forgetting:from_history",
 }
 
 
@@ -389,6 +390,9 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
             logger.log_experience(i, run.dir.read_result())
         if stream.info.kind == "tta":
             score = f"online accuracy {hist.acc_matrix[-1][i]:.2f}%"
+        elif stream.info.kind == "forgetting":  # one row per request, one column per class group
+            m = compute_metrics(hist, "forgetting")
+            score = f"retained {m['acc_retain']:.2f}%  forgotten {m['acc_forget']:.2f}%  H {m['h_mean']:.2f}"
         else:
             seen = metrics.stage_accuracies(_square(hist.acc_matrix), hist.test_counts[: len(hist.acc_matrix)])
             score = f"accuracy on seen data {seen[-1]:.2f}%"
@@ -461,6 +465,10 @@ def _print_summary(result: Mapping[str, Any], out=print) -> None:
     for key in ("avg_incremental_acc", "last_acc", "forgetting", "transfer", "average", "last"):
         if key in paper and key in m:
             out(f"{key}: measured {m[key]:.2f}  paper {paper[key]:.2f}")
+    if "h_mean" in m:  # continual forgetting (scenarios/forgetting.py)
+        out(f"original acc {m['acc_original']:.2f}  retained acc {m['acc_retain']:.2f}  forgotten acc "
+            f"{m['acc_forget']:.2f}  H {m['h_mean']:.2f}  wall {costs['total_wall_s']:.1f}s")
+        return
     if "mean_error" in m:
         out(f"mean online error {m['mean_error']:.2f}  wall {costs['total_wall_s']:.1f}s")
         return

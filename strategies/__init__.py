@@ -29,6 +29,8 @@ REGISTRY: dict[str, str] = {
     "tent": "strategies.tent:Tent",
     "cotta": "strategies.cotta:CoTTA",
     "coso": "strategies.coso:CoSO",
+    "gs_lora": "strategies.gs_lora:GSLoRA",
+    "gs_lora_pp": "strategies.gs_lora:GSLoRAPP",
     "derpp": "strategies.derpp:DERpp",
     "sparcl": "strategies.sparcl:SparCL",
     "mora": "strategies.mora:MoRA",
