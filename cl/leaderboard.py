@@ -165,13 +165,16 @@ def write_plots(results: list[dict], table: pd.DataFrame, out: Path) -> list[Pat
         firsts.setdefault(" | ".join(str(r.get(k)) for k in KEYS), r)
     if firsts:
         n = len(firsts)
-        fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3), squeeze=False)
-        for ax, (name, r) in zip(axes[0], sorted(firsts.items())):
+        fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2), squeeze=False)
+        for k, (ax, (name, r)) in enumerate(zip(axes[0], sorted(firsts.items()))):
             m = [[float("nan") if v is None else v for v in row] for row in r["acc_matrix"]]
             im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
-            ax.set_title(name.replace(" | ", "\n"), fontsize=7)
+            ax.set_title(name.replace(" | ", "\n") + f"\n(seed {r.get('seed')})", fontsize=7)
+            ax.set_xticks(range(len(m[0]) if m else 0))
+            ax.set_yticks(range(len(m)))
             ax.set_xlabel("evaluated on experience")
-            ax.set_ylabel("after training experience")
+            if k == 0:  # one shared label: repeated ones run into the neighbouring panel
+                ax.set_ylabel("after training experience")
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy %")
         save(fig, "acc_matrices")
     curves = accuracy_curves(finished)
@@ -179,6 +182,7 @@ def write_plots(results: list[dict], table: pd.DataFrame, out: Path) -> list[Pat
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, c in sorted(curves.items()):
             ax.plot(range(1, len(c) + 1), c, marker="o", label=name)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("experiences trained")
         ax.set_ylabel("accuracy on seen experiences %")
         ax.legend(fontsize=7)
@@ -187,9 +191,10 @@ def write_plots(results: list[dict], table: pd.DataFrame, out: Path) -> list[Pat
     if len(run):
         fig, ax = plt.subplots(figsize=(6, 4))
         for _, row in run.iterrows():
-            ax.errorbar(row["total_wall_s_mean"], row["last_acc_mean"], yerr=row["last_acc_std"], fmt="o",
+            ax.errorbar(row["total_wall_s_mean"], row["last_acc_mean"], yerr=row["last_acc_std"],
+                        xerr=row["total_wall_s_std"], fmt="o", capsize=3,
                         label=" | ".join(str(row[k]) for k in KEYS))
-        ax.set_xlabel("wall time per run (s)")
+        ax.set_xlabel("wall time per run (s), mean ± std over seeds")
         ax.set_ylabel("last accuracy %")
         ax.legend(fontsize=7)
         save(fig, "acc_vs_cost")

@@ -128,3 +128,34 @@ def test_multirun_on_slurm_with_requeue_and_leaderboard(slurm_cluster, tmp_path)
     files = write_leaderboard(find_results([runs]), tmp_path / "leaderboard")
     md = files["md"].read_text()
     assert "| simplecil | digits | resnet-tiny | 1 |" in md and "| finetune | digits | resnet-tiny | 1 |" in md
+
+
+def test_submit_returns_at_once_and_status_names_the_failure(slurm_cluster, tmp_path):
+    """scripts/submit.py: the array is submitted and the command returns while the jobs run; `--status` later says
+    which job finished and which failed, with its one-line error (a bad value only the run's own check catches)."""
+    folder = tmp_path / "submit"
+    env = {**os.environ, "CLBENCH_SLURM_CPUS": "1", "CLBENCH_SLURM_MEM_GB": "1", "CLBENCH_SLURM_TIME_MIN": "20"}
+    script = str(ROOT / "scripts" / "submit.py")
+    t0 = time.time()
+    p = subprocess.run([sys.executable, script, "--folder", str(folder), "strategy=simplecil", "scenario=digits",
+                        "debug=fast", "scenario.limit_per_class=8", "trainer.device=cpu", "trainer.progress=false",
+                        "scenario.bad_images=fail,skp", f"results_root={tmp_path / 'runs'}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "submitted 2 jobs" in p.stdout, p.stdout + p.stderr
+    ids = [j["job_id"] for j in json.loads((folder / "sweep.json").read_text())["jobs"]]
+    assert subprocess.run(["squeue", "-h", "-j", ",".join(ids)], capture_output=True, text=True).stdout.strip() or \
+        time.time() - t0 > 30, "submit.py waited for its jobs"
+    end = time.time() + SWEEP_TIMEOUT_S
+    while subprocess.run(["squeue", "-h", "-j", ",".join(ids)], capture_output=True, text=True).stdout.strip():
+        assert time.time() < end, "the submitted jobs did not end"
+        time.sleep(1)
+    for _ in range(30):  # accounting records reach slurmdbd a moment after the job ends
+        s = subprocess.run([sys.executable, script, "--status", str(folder)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        if "1 finished, 1 failed" in s.stdout:
+            break
+        time.sleep(1)
+    assert s.returncode == 1 and "2 jobs: 1 finished, 1 failed" in s.stdout, s.stdout + s.stderr
+    failed = next(line for line in s.stdout.splitlines() if " failed " in line)
+    assert "bad_images=skp" in failed and "unknown scenario.bad_images 'skp'" in failed, failed
+    assert (tmp_path / "runs").is_dir() and len(list((tmp_path / "runs").glob("*/result.json"))) == 1
