@@ -1,0 +1,196 @@
+"""Speed benchmark (issue 10): how close the strategies come to what the hardware allows, in one process.
+
+    python scripts/bench.py            # GPU: ViT-B/16 (random init), 200 classes x (20 train, 5 test), 10 tasks, 224 px
+    python scripts/bench.py --cpu      # test size: vit-tiny, 20 classes x (10 train, 4 test), 5 tasks, 32 px
+    python scripts/bench.py --cpu --strategies simplecil --ceiling-steps 3   # a quick look
+
+Lines (each carries the word `ratio`):
+- `ceiling`: a plain adapter-tuning step (AdaptFormer adapters in every block, bottleneck 16, a linear head, CE,
+  SGD; the trainer's precision) on the same backbone and batch size as the strategies' training, on device-resident
+  tensors: what a training step costs with nothing else in the way; and a no-grad forward (the eval ceiling).
+- one line per strategy (mos, adam, simplecil): a whole run through `run_experiment` on the synthetic stream,
+  with its training images/s (over the experiences that train) and its ratio to the ceiling, evaluation images/s
+  and its ratio to the forward ceiling, seconds per experience, the whole run's wall time, peak memory.
+- `ema-kernel`: the fused mean-teacher update (csrc/) against its PyTorch reference on a flat buffer of ViT-B/16's
+  size (86M; --cpu: 5.7M), when the extension builds (ninja and a compiler), else the reference alone.
+`--cpu` keeps the same lines at test size and finishes in a few minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GPU = {"backbone": "vit-b16", "classes": 200, "train": 20, "test": 5, "tasks": 10, "size": 224, "batch": 48,
+       "epochs": None, "crct_epochs": None, "ema_numel": 86_000_000}
+CPU = {"backbone": "vit-tiny", "classes": 20, "train": 10, "test": 4, "tasks": 5, "size": 32, "batch": 16,
+       "epochs": 1, "crct_epochs": 2, "ema_numel": 5_700_000}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device):
+    from contextlib import nullcontext
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def ceilings(backbone_cfg: dict, batch: int, steps: int, device: torch.device) -> tuple[float, float]:
+    """(adapter-step images/s, no-grad forward images/s) on random device-resident inputs."""
+    from cl import backbones, peft
+
+    bb = backbones.build(backbone_cfg).to(device)
+    bb.requires_grad_(False)
+    adapters = peft.add_adapters(bb.model, bottleneck=16, scale=0.1, dropout=0.1).to(device)
+    head = torch.nn.Linear(bb.feature_dim, 200).to(device)
+    params = [*adapters.parameters(), *head.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    x = torch.rand(batch, bb.in_chans, bb.input_size, bb.input_size, device=device)
+    y = torch.randint(0, 200, (batch,), device=device)
+
+    def step():
+        with _autocast(device):
+            loss = torch.nn.functional.cross_entropy(head(bb(x)).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    bb.train()
+    for _ in range(2):
+        step()
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    train = steps * batch / (time.perf_counter() - t)
+    bb.eval()
+    xe = torch.rand(batch * 2, bb.in_chans, bb.input_size, bb.input_size, device=device)
+    with torch.no_grad(), _autocast(device):
+        bb(xe)
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            bb(xe)
+        _sync(device)
+    forward = steps * len(xe) / (time.perf_counter() - t)
+    return train, forward
+
+
+def run_strategy(name: str, s: dict, device: torch.device, results: Path) -> dict:
+    from cl.cli import compose_config
+    from cl.experiment import run_experiment
+
+    over = [f"strategy={name}", "scenario=synthetic", f"backbone={s['backbone']}", f"results_root={results}",
+            "trainer.progress=false", f"trainer.device={device.type}",
+            f"scenario.synthetic.n_classes={s['classes']}", f"scenario.synthetic.train_per_class={s['train']}",
+            f"scenario.synthetic.test_per_class={s['test']}", f"scenario.synthetic.image_size={s['size']}",
+            f"scenario.init_cls={s['classes'] // s['tasks']}", f"scenario.increment={s['classes'] // s['tasks']}",
+            f"trainer.batch_size={s['batch']}"]
+    if s["backbone"] != "vit-tiny":
+        over.append("backbone.pretrained=false")  # speed does not depend on the weights; nothing to download
+    if s["epochs"] is not None:
+        over.append(f"trainer.epochs={s['epochs']}")
+    if s["crct_epochs"] is not None and name == "mos":
+        over.append(f"strategy.crct_epochs={s['crct_epochs']}")
+    cfg = compose_config(over)
+    t = time.perf_counter()
+    path = run_experiment(cfg, out=lambda *a, **k: None)
+    wall = time.perf_counter() - t
+    result = json.loads(Path(path).read_text())
+    per = result["costs"]["per_experience"]
+    trained = [c for c in per if c["train_images"] and c["train_s"] > 0]
+    train_ips = (sum(c["train_images"] for c in trained) / sum(c["train_s"] for c in trained)) if trained else None
+    eval_images = sum(c["eval_images_per_s"] * c["eval_s"] for c in per if c["eval_images_per_s"])
+    eval_ips = eval_images / max(sum(c["eval_s"] for c in per), 1e-9)
+    import strategies
+    from cl.lazy import load
+
+    sgd = getattr(load(strategies.REGISTRY[name]), "uses_sgd", True)
+    return {"sgd": sgd, "train_ips": train_ips, "eval_ips": eval_ips, "s_per_exp": sum(c["wall_s"] for c in per) / len(per),
+            "wall": wall, "mem": max(c["peak_memory_mb"] for c in per), "mem_kind": per[-1]["peak_memory_kind"],
+            "last_acc": result["metrics"].get("last_acc")}
+
+
+def ema_kernel(n: int, device: torch.device, repeats: int = 5) -> tuple[float | None, float]:
+    """(kernel ms or None, reference ms) for EMA + restore p=0.01 of n float32 parameters."""
+    from cl import ops
+
+    off, on, src = (torch.randn(n, device=device) for _ in range(3))
+
+    def best(impl):
+        times = []
+        for r in range(repeats + 1):
+            _sync(device)
+            t = time.perf_counter()
+            ops.mean_teacher_update_(off, on, src, 0.999, 0.0, r, impl=impl)
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        return min(times[1:]) * 1e3
+
+    ref = best("torch")
+    ext = best("ext") if ops.load_extension() is not None else None
+    return ext, ref
+
+
+def main(argv=None, out=print) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cpu", action="store_true", help="test size on the CPU (vit-tiny, small stream)")
+    ap.add_argument("--strategies", default="mos,adam,simplecil")
+    ap.add_argument("--ceiling-steps", type=int, default=None)
+    ap.add_argument("--no-kernel", action="store_true", help="skip the EMA kernel line (its first build is slow)")
+    args = ap.parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        ap.error("no GPU is visible: use --cpu for the test-size run")
+    device = torch.device("cpu" if args.cpu else "cuda")
+    if args.cpu:
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    s = CPU if args.cpu else GPU
+    from cl.cli import compose_config
+
+    bcfg = compose_config([f"backbone={s['backbone']}", "trainer.device=cpu",
+                           *([] if s["backbone"] == "vit-tiny" else ["backbone.pretrained=false"])])["backbone"]
+    bcfg = {**bcfg, **({"kwargs": {**bcfg.get("kwargs", {}), "img_size": s["size"]}, "input_size": s["size"]}
+                       if s["backbone"] == "vit-tiny" else {})}
+    steps = args.ceiling_steps or (10 if args.cpu else 50)
+    where = f"{s['backbone']} batch {s['batch']} {s['size']}px on {device.type}"
+    ceil_train, ceil_fwd = ceilings(bcfg, s["batch"], steps, device)
+    out(f"ceiling  adapter step  {where}: {ceil_train:.1f} images/s  ratio 1.00 | no-grad forward "
+        f"{ceil_fwd:.1f} images/s  ratio 1.00")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in [n for n in args.strategies.split(",") if n]:
+            r = run_strategy(name, s, device, Path(tmp))
+            if not r["train_ips"]:
+                train = "train none  ratio n/a"
+            elif r["sgd"]:
+                train = f"train {r['train_ips']:.1f} images/s  ratio {r['train_ips'] / ceil_train:.2f}"
+            else:  # a strategy that does not train by SGD (SimpleCIL) only encodes: compare with the forward
+                train = f"fit (no SGD) {r['train_ips']:.1f} images/s  ratio {r['train_ips'] / ceil_fwd:.2f} of forward"
+            out(f"{name:9s} {where}, {s['tasks']} tasks: {train} | eval {r['eval_ips']:.1f} images/s  ratio "
+                f"{r['eval_ips'] / ceil_fwd:.2f} | {r['s_per_exp']:.2f} s/experience | whole run {r['wall']:.1f} s | "
+                f"peak memory {r['mem']:.0f} MB ({r['mem_kind']}) | last accuracy {r['last_acc']:.1f}%")
+    if not args.no_kernel:
+        ext, ref = ema_kernel(s["ema_numel"], device)
+        if ext is None:
+            out(f"ema-kernel n={s['ema_numel']}: extension not built, reference {ref:.2f} ms  ratio n/a")
+        else:
+            out(f"ema-kernel n={s['ema_numel']} on {device.type}: kernel {ext:.2f} ms, reference (flat lerp) "
+                f"{ref:.2f} ms  ratio {ref / ext:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
