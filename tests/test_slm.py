@@ -134,3 +134,11 @@ def test_slm_rejects_bad_config():
 
     with pytest.raises(ConfigError, match="sample or batch"):
         SLM(retrieval="task")
+
+
+@pytest.mark.slow
+def test_joint_runs_on_synthetic_text(compose, run_quiet):
+    import json
+
+    path, _ = run_quiet(compose("scenario=synthetic-text", "debug=fast", "strategy=joint"))
+    assert json.loads(path.read_text())["status"] == "finished"
