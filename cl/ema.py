@@ -110,12 +110,19 @@ class MeanTeacher(nn.Module):
 
     # --- the two operations --------------------------------------------------------------------------
     @torch.no_grad()
-    def update(self, online: Tensors | None = None) -> None:
-        """theta_off <- decay * theta_off + (1 - decay) * theta_on, for every tensor, on the device."""
+    def update(self, online: Tensors | None = None, freeze: list[torch.Tensor] | None = None) -> None:
+        """theta_off <- decay * theta_off + (1 - decay) * theta_on, for every tensor, on the device.
+
+        freeze: optional boolean masks, one per tensor: True elements keep their offline value (PSMT's
+        Fisher-masked teacher, theta_off <- m theta_off + (1 - m) EMA)."""
         if self.decay == 1.0:
             return
         on = [t.detach() for t in self._online_tensors(online)]
-        torch._foreach_lerp_(self.offline_tensors(), on, 1.0 - self.decay)
+        if freeze is None:
+            torch._foreach_lerp_(self.offline_tensors(), on, 1.0 - self.decay)
+            return
+        for off, o, m in zip(self.offline_tensors(), on, freeze, strict=True):
+            off.copy_(torch.where(m, off, off.lerp(o.to(off.dtype), 1.0 - self.decay)))
 
     @torch.no_grad()
     def restore(self, online: Tensors | None = None) -> None:

@@ -83,6 +83,7 @@ def _square(matrix: list[list[float | None]]) -> list[list[float]]:
 # Kinds whose headline metrics are their own: "module:function(history) -> dict", imported when used.
 KIND_METRICS: dict[str, str] = {
     "union_label": "scenarios.union_label_metrics:from_history",
+    "tta": "scenarios.tta:metrics_from_history",
     "forgetting": "scenarios.forgetting:from_history",
 }
 

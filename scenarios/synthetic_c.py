@@ -19,8 +19,11 @@ import torch.nn.functional as F
 from cl.backbones import Backbone
 from scenarios.synthetic import make_synthetic
 
-DEFAULT_SYNTHETIC = {"n_classes": 10, "n_domains": 1, "image_size": 32, "channels": 3,
+DEFAULT_SYNTHETIC = {"n_classes": 10, "n_domains": 1, "image_size": 16, "channels": 3,
                      "train_per_class": 60, "test_per_class": 20, "noise": 0.15, "seed": 0}
+# Kept small on purpose: the source model must train in seconds inside CI (issue 8), and stay a BN ResNet with
+# several stages (EcoTTA attaches one meta network per stage).
+DEFAULT_WIDTHS = (8, 16, 32)
 
 
 class BasicBlock(nn.Module):
@@ -41,7 +44,7 @@ class BasicBlock(nn.Module):
 class SmallResNet(nn.Module):
     """stem + `len(widths)` residual stages (the "parts" EcoTTA attaches meta networks to) + linear head."""
 
-    def __init__(self, n_classes: int = 10, in_chans: int = 3, widths: tuple[int, ...] = (16, 32, 64)):
+    def __init__(self, n_classes: int = 10, in_chans: int = 3, widths: tuple[int, ...] = DEFAULT_WIDTHS):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
                                   nn.ReLU())
@@ -72,13 +75,15 @@ def source_split(synthetic: Mapping[str, Any] | None):
     return make_synthetic(**params)
 
 
-def train_source(synthetic: Mapping[str, Any] | None, epochs: int = 15, seed: int = 0) -> SmallResNet:
-    """Plain supervised training on the clean split (Adam, batch 64); seconds on a CPU."""
+def train_source(synthetic: Mapping[str, Any] | None, epochs: int = 6, seed: int = 0,
+                 widths: tuple[int, ...] = DEFAULT_WIDTHS) -> SmallResNet:
+    """Plain supervised training on the clean split (Adam lr 3e-3, batch 64); about a second on an idle CPU core
+    at the scenario's default size (16 px, widths 8/16/32, 6 epochs)."""
     train, _ = source_split(synthetic)
     params = {**DEFAULT_SYNTHETIC, **dict(synthetic or {})}
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = SmallResNet(params["n_classes"], params["channels"])
+    model = SmallResNet(params["n_classes"], params["channels"], tuple(widths))
     x = torch.as_tensor(train.images).float() / 255
     y = torch.as_tensor(train.targets).long()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -92,16 +97,18 @@ def train_source(synthetic: Mapping[str, Any] | None, epochs: int = 15, seed: in
     return model.eval()
 
 
-def cached_source(synthetic: Mapping[str, Any] | None, cache_dir: str | Path, epochs: int = 15) -> tuple[SmallResNet, str]:
+def cached_source(synthetic: Mapping[str, Any] | None, cache_dir: str | Path, epochs: int = 6,
+                  widths: tuple[int, ...] = DEFAULT_WIDTHS) -> tuple[SmallResNet, str]:
     """The trained source model, trained only when `cache_dir` has no copy for these settings."""
-    params = {**DEFAULT_SYNTHETIC, **dict(synthetic or {}), "epochs": epochs}
+    widths = tuple(int(w) for w in widths)
+    params = {**DEFAULT_SYNTHETIC, **dict(synthetic or {}), "epochs": epochs, "widths": list(widths)}
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"synthetic-c-source-{key}.pt"
-    model = SmallResNet(params["n_classes"], params["channels"])
+    model = SmallResNet(params["n_classes"], params["channels"], widths)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval(), key
-    model = train_source(synthetic, epochs)
+    model = train_source(synthetic, epochs, widths=widths)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)
@@ -112,10 +119,12 @@ def cached_source(synthetic: Mapping[str, Any] | None, cache_dir: str | Path, ep
 def build_source(cfg: Mapping[str, Any]) -> Backbone:
     """Backbone source 'synthetic-c': the cached source classifier (logits out)."""
     synthetic = cfg.get("synthetic") or {}
-    model, key = cached_source(synthetic, cfg.get("cache_dir") or "data/synthetic-c-cache", int(cfg.get("epochs", 15)))
-    n_classes = {**DEFAULT_SYNTHETIC, **dict(synthetic)}["n_classes"]
+    widths = tuple(cfg.get("widths") or DEFAULT_WIDTHS)
+    model, key = cached_source(synthetic, cfg.get("cache_dir") or "data/synthetic-c-cache", int(cfg.get("epochs", 6)),
+                               widths)
+    params = {**DEFAULT_SYNTHETIC, **dict(synthetic)}
     bb = Backbone(model, name=str(cfg.get("name", "synthetic-c-resnet")), arch="small-bn-resnet",
-                  feature_dim=n_classes, input_size=int(cfg.get("input_size", 32)), in_chans=3, normalize="none",
+                  feature_dim=params["n_classes"], input_size=int(params["image_size"]), in_chans=3, normalize="none",
                   weights_id=f"synthetic-c-trained:{key}", pretrained=True)
     bb.is_classifier = True
     return bb

@@ -3,15 +3,28 @@
 One experience per domain (CoTTA's protocol: severity 5, the fixed 15-corruption order, reset once at the
 start). Each experience's `test` is the domain's images in a fixed order; `train` is the declared source data
 (the clean split the source model was trained on) where the scenario has one, else an empty dataset.
-Datasets: `synthetic-c` (generated here, batched torch corruptions, labelled `generated` in the stream info).
+
+Datasets (`scenario.dataset`), each recorded in the stream info as `corruption_source`:
+- `synthetic-c`: the test-sized stream; clbench's own batched torch corruptions of the synthetic classes
+  (`generated:clbench-torch`, a cheap family, not ImageNet-C's constants);
+- `cifar10-c`, `cifar100-c`: the released `.npy` files (scenarios/cifar_c.py; `released`);
+- `imagenet-c`: the released folder tree, RobustBench's 5,000 images (scenarios/imagenet_c.py; `released`);
+- `generated`: any registered clean test set (`scenario.clean: {dataset: ..., ...}`) corrupted on the fly by
+  `imagecorruptions` (the `imagecorruptions-imaug` fork, extra `tta`; `generated:imagecorruptions`). Its
+  constants are ImageNet-C's, harsher than CIFAR-10-C's on 32 px images: never comparable with the released sets.
+Options: `reset_each_shift`, `gradual` (every domain 1->5->1, mariodoebler's schedule), `mixed` (all domains
+in one shuffled experience), `order_seed` (one of several random orders), `shuffle_within_domain`.
+Scoring: `metrics_from_history` (error per named domain, `mean_error`, and the cost figures per batch).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import ConcatDataset, Subset, TensorDataset
 
 from cl.errors import ConfigError
 from cl.stream import Experience, Stream, StreamInfo
@@ -59,9 +72,12 @@ def corrupt(x: torch.Tensor, name: str, severity: int, gen: torch.Generator) -> 
 GENERATED = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "contrast", "brightness", "pixelate", "fog")
 
 
-def _domains(cfg: dict) -> list[tuple[str, int]]:
+def _domains(cfg: dict, default_names=CORRUPTIONS) -> list[tuple[str, int]]:
     """(corruption, severity) per experience: the fixed order at one severity, or gradual 1..5..1 per corruption."""
-    names = list(cfg.get("corruptions") or CORRUPTIONS)
+    names = list(cfg.get("corruptions") or default_names)
+    unknown = [n for n in names if n not in CORRUPTIONS]
+    if unknown:
+        raise ConfigError(f"unknown corruption(s) {unknown}: scenario.corruptions takes names from {list(CORRUPTIONS)}")
     severity = int(cfg.get("severity", 5))
     if not 1 <= severity <= 5:
         raise ConfigError(f"scenario.severity must be 1..5, got {severity}")
@@ -74,37 +90,164 @@ def _domains(cfg: dict) -> list[tuple[str, int]]:
     return [(n, severity) for n in names]
 
 
+def _limit(y: torch.Tensor, limit, n_classes: int) -> torch.Tensor:
+    """Indices of the first `limit` samples of each class (debug runs), in stream order."""
+    return torch.cat([torch.nonzero(y == c).flatten()[: int(limit)] for c in range(n_classes)]).sort().values
+
+
 def build_tta(cfg: dict, data_root=None) -> Stream:
     dataset = cfg.get("dataset")
-    if dataset != "synthetic-c":
-        raise ConfigError(f"tta dataset '{dataset}' unknown: expected synthetic-c")
+    builders = {"synthetic-c": _synthetic_c, "cifar10-c": _cifar_c, "cifar100-c": _cifar_c,
+                "imagenet-c": _imagenet_c, "generated": _generated}
+    if dataset not in builders:
+        raise ConfigError(f"tta dataset '{dataset}' unknown: expected one of {', '.join(builders)}")
+    from scenarios.registry import resolve_data_root
+
+    return builders[dataset](cfg, resolve_data_root(data_root))
+
+
+def _stream(cfg: dict, domains, tests: list, train, n_classes: int, input_shape, source: str, **extra) -> Stream:
+    """Experiences from per-domain test sets (mixed: one shuffled experience over all of them)."""
+    seed = int(cfg.get("corruption_seed", 0))
+    classes = list(range(n_classes))
+    if cfg.get("shuffle_within_domain"):  # mariodoebler shuffles within each domain with the run seed
+        tests = [Subset(t, torch.randperm(len(t), generator=torch.Generator().manual_seed(seed + i)).tolist())
+                 for i, t in enumerate(tests)]
+    names = [f"{n}_{s}" for n, s in domains]
+    if cfg.get("mixed"):  # mariodoebler's mixed_domains: all domains in one shuffled stream
+        union = ConcatDataset(tests)
+        perm = torch.randperm(len(union), generator=torch.Generator().manual_seed(seed)).tolist()
+        exps = [Experience(0, train, Subset(union, perm), classes, "tta", domain="mixed",
+                           meta={"domains": names})]
+    else:
+        exps = [Experience(i, train, t, classes, "tta", domain=names[i],
+                           meta={"corruption": domains[i][0], "severity": domains[i][1]})
+                for i, t in enumerate(tests)]
+    info = StreamInfo(name=cfg.get("name") or cfg.get("dataset"), kind="tta", n_classes=n_classes,
+                      n_experiences=len(exps), class_order=classes, input_shape=tuple(input_shape),
+                      classes_per_experience=[classes] * len(exps),
+                      extra={"domains": [e.domain for e in exps], "corruption_source": source,
+                             "reset_each_shift": bool(cfg.get("reset_each_shift", False)),
+                             "gradual": bool(cfg.get("gradual", False)), "mixed": bool(cfg.get("mixed", False)),
+                             "shuffle_within_domain": bool(cfg.get("shuffle_within_domain", False)), **extra})
+    return Stream(exps, info)
+
+
+def _synthetic_c(cfg: dict, data_root: Path) -> Stream:
     from scenarios.synthetic_c import DEFAULT_SYNTHETIC, source_split
 
     params = {**DEFAULT_SYNTHETIC, **dict(cfg.get("synthetic") or {})}
     train, test = source_split(params)
     x = torch.as_tensor(test.images).float() / 255
     y = torch.as_tensor(test.targets).long()
-    limit = cfg.get("limit_per_class")
-    if limit:
-        keep = torch.cat([torch.nonzero(y == c).flatten()[: int(limit)] for c in range(params["n_classes"])]).sort().values
+    if cfg.get("limit_per_class"):
+        keep = _limit(y, cfg["limit_per_class"], params["n_classes"])
         x, y = x[keep], y[keep]
-    domains = _domains({**cfg, "corruptions": cfg.get("corruptions") or GENERATED[:4]})
+    domains = _domains(cfg, GENERATED[:4])
+    bad = [n for n, _ in domains if n not in GENERATED]
+    if bad:
+        raise ConfigError(f"synthetic-c cannot generate {sorted(set(bad))}; use corruptions from {list(GENERATED)}")
     seed = int(cfg.get("corruption_seed", 0))
-    exps = []
-    classes = list(range(params["n_classes"]))
+    tests = [TensorDataset(corrupt(x, n, s, torch.Generator().manual_seed(seed * 1000 + i)), y)
+             for i, (n, s) in enumerate(domains)]
+    return _stream(cfg, domains, tests, train, params["n_classes"], (3, params["image_size"], params["image_size"]),
+                   "generated:clbench-torch")
+
+
+def _cifar_c(cfg: dict, data_root: Path) -> Stream:
+    from scenarios.cifar_c import load_cifar_c
+
+    dataset = cfg["dataset"]
+    n_classes = 10 if dataset == "cifar10-c" else 100
+    domains = _domains(cfg)
+    names = sorted({n for n, _ in domains})
+    tests = []
+    for name, sev in domains:
+        x, y = load_cifar_c(dataset, data_root, name, sev, cfg.get("n_examples"), names)
+        if cfg.get("limit_per_class"):
+            keep = _limit(y, cfg["limit_per_class"], n_classes)
+            x, y = x[keep], y[keep]
+        tests.append(TensorDataset(x, y))
+    return _stream(cfg, domains, tests, TensorDataset(torch.empty(0, 3, 32, 32, dtype=torch.uint8),
+                                                      torch.empty(0, dtype=torch.long)),
+                   n_classes, (3, 32, 32), "released")
+
+
+def _imagenet_c(cfg: dict, data_root: Path) -> Stream:
+    from scenarios.imagenet_c import ImageNetC
+
+    domains = _domains(cfg)
+    n = cfg.get("n_examples", 5000)
+    tests = [ImageNetC(data_root, name, sev, n, str(cfg.get("preprocess", "none"))) for name, sev in domains]
+    if cfg.get("limit_per_class"):
+        tests = [Subset(t, _limit(t.targets, cfg["limit_per_class"], t.n_classes).tolist()) for t in tests]
+    empty = TensorDataset(torch.empty(0, 3, 224, 224, dtype=torch.uint8), torch.empty(0, dtype=torch.long))
+    return _stream(cfg, domains, tests, empty, 1000, (3, 224, 224), "released",
+                   preprocess=str(cfg.get("preprocess", "none")), image_ids="robustbench-5000" if n and int(n) <= 5000 else "all")
+
+
+def _generated(cfg: dict, data_root: Path) -> Stream:
+    """A clean registered test set corrupted on the fly by `imagecorruptions` (labelled generated)."""
+    try:
+        from imagecorruptions import corrupt as ic_corrupt
+    except ImportError:
+        raise ConfigError("scenario.dataset=generated needs imagecorruptions: pip install -e .[tta] "
+                          "(the imagecorruptions-imaug fork)") from None
+    from scenarios.registry import get_loader
+
+    clean = dict(cfg.get("clean") or {})
+    if "dataset" not in clean:
+        raise ConfigError("scenario.dataset=generated needs scenario.clean.dataset (a registered clean dataset)")
+    data = get_loader(clean["dataset"])(clean, data_root)
+    pairs = [data.test[i] for i in range(len(data.test))]
+    x = torch.stack([torch.as_tensor(p[0]) for p in pairs])
+    y = torch.as_tensor([int(p[1]) for p in pairs])
+    if x.dtype != torch.uint8:
+        x = (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    n_classes = int(y.max()) + 1
+    if cfg.get("limit_per_class"):
+        keep = _limit(y, cfg["limit_per_class"], n_classes)
+        x, y = x[keep], y[keep]
+    domains = _domains(cfg)
+    seed = int(cfg.get("corruption_seed", 0))
+    hwc = x.permute(0, 2, 3, 1).numpy()
+    if hwc.shape[-1] == 1:
+        hwc = np.repeat(hwc, 3, axis=-1)
+    tests = []
     for i, (name, sev) in enumerate(domains):
-        xc = corrupt(x, name, sev, torch.Generator().manual_seed(seed * 1000 + i))
-        if cfg.get("shuffle_within_domain"):  # mariodoebler shuffles within each domain with the run seed
-            perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + i))
-            xc, yc = xc[perm], y[perm]
-        else:
-            yc = y
-        exps.append(Experience(i, train, TensorDataset(xc, yc), classes, "tta", domain=f"{name}_{sev}",
-                               meta={"corruption": name, "severity": sev}))
-    info = StreamInfo(name=cfg.get("name") or "synthetic-c", kind="tta", n_classes=params["n_classes"],
-                      n_experiences=len(exps), class_order=classes, input_shape=(3, params["image_size"], params["image_size"]),
-                      classes_per_experience=[classes] * len(exps),
-                      extra={"domains": [e.domain for e in exps], "corruption_source": "generated",
-                             "reset_each_shift": bool(cfg.get("reset_each_shift", False)),
-                             "gradual": bool(cfg.get("gradual", False))})
-    return Stream(exps, info)
+        np.random.seed(seed * 1000 + i)  # imagecorruptions draws from numpy's global RNG
+        out = np.stack([np.clip(ic_corrupt(img, corruption_name=name, severity=sev), 0, 255) for img in hwc])
+        tests.append(TensorDataset(torch.from_numpy(out.astype(np.uint8)).permute(0, 3, 1, 2).contiguous(), y))
+    return _stream(cfg, domains, tests, data.train, n_classes, tuple(tests[0].tensors[0].shape[1:]),
+                   "generated:imagecorruptions", clean_dataset=clean["dataset"])
+
+
+def metrics_from_history(history) -> dict:
+    """Online error per named domain and its mean (the tables' "mean error"), plus per-batch costs.
+
+    Domains that occur several times (gradual schedules) are averaged by sample count."""
+    k = len(history.acc_matrix)
+    online = [history.acc_matrix[i][i] for i in range(k)]
+    errors = [100 - a for a in online]
+    costs = history.costs[:k]
+    names = [c.get("domain", f"experience_{i}") for i, c in enumerate(costs)]
+    counts = history.test_counts[:k] if len(history.test_counts) >= k else [1] * k
+    per_domain: dict[str, list[float]] = {}
+    for name, err, n in zip(names, errors, counts):
+        tot = per_domain.setdefault(name, [0.0, 0])
+        tot[0] += err * n
+        tot[1] += n
+    out = {"online_acc_per_experience": online, "error_per_experience": errors,
+           "error_per_domain": {n: e / max(c, 1) for n, (e, c) in per_domain.items()},
+           "mean_error": sum(errors) / k}
+
+    def mean(key):
+        vals = [c[key] for c in costs if c.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    out["cost_per_batch"] = {"time_s": mean("time_per_batch_s"), "forward_passes": mean("forward_passes_per_batch"),
+                             "saved_for_backward_mb": max((c.get("saved_for_backward_mb") or 0 for c in costs), default=None),
+                             "resident_state_mb": mean("resident_state_mb"),
+                             "peak_memory_mb": max((c.get("peak_memory_mb") or 0 for c in costs), default=None),
+                             "peak_memory_kind": costs[-1].get("peak_memory_kind") if costs else None}
+    return out

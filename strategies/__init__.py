@@ -28,6 +28,8 @@ REGISTRY: dict[str, str] = {
     "bn_adapt": "strategies.bn_adapt:BNAdapt",
     "tent": "strategies.tent:Tent",
     "cotta": "strategies.cotta:CoTTA",
+    "ecotta": "strategies.ecotta:EcoTTA",
+    "psmt": "strategies.psmt:PSMT",
     "coso": "strategies.coso:CoSO",
     "gs_lora": "strategies.gs_lora:GSLoRA",
     "gs_lora_pp": "strategies.gs_lora:GSLoRAPP",

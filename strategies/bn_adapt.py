@@ -1,7 +1,7 @@
-"""BN adapt (Schneider et al. 2020; CoTTA's "BN Adapt" row): normalise with each test batch's statistics, no update."""
-from __future__ import annotations
+"""BN adapt (Schneider et al. 2020; CoTTA's "BN Adapt" row): normalise with each test batch's statistics, no update.
 
-import torch
+One forward pass per batch; nothing is trained, so nothing is saved for backward."""
+from __future__ import annotations
 
 from strategies.tta_base import TTAStrategy, use_batch_stats
 
@@ -12,7 +12,3 @@ class BNAdapt(TTAStrategy):
     def configure(self) -> None:
         self.backbone.requires_grad_(False)
         use_batch_stats(self.backbone)
-
-    @torch.no_grad()
-    def predict(self, x, task_id=None):
-        return self.backbone(x)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from cl.ema import MeanTeacher
-from strategies.tta_base import TTAStrategy, use_batch_stats
+from strategies.tta_base import TTAStrategy, soft_ce, use_batch_stats
 
 
 def augment_views(x: torch.Tensor, n: int, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -60,10 +60,6 @@ def augment_views(x: torch.Tensor, n: int, gen: torch.Generator | None = None) -
     return flat.clamp(0, 1)
 
 
-def soft_ce(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return -(teacher.softmax(1) * student.log_softmax(1)).sum(1)
-
-
 class CoTTA(TTAStrategy):
     name = "cotta"
 
@@ -75,7 +71,6 @@ class CoTTA(TTAStrategy):
         self.optim, self.lr, self.momentum, self.nesterov = optim, float(lr), float(momentum), bool(nesterov)
         self.ema, self.restore_prob, self.ap, self.n_aug, self.loss_kind = (
             float(ema), float(restore_prob), float(ap), int(n_aug), loss)
-        self._passes, self._images = 0, 0
 
     def configure(self) -> None:
         use_batch_stats(self.backbone)
@@ -86,21 +81,25 @@ class CoTTA(TTAStrategy):
         self.optimizer = self.make_optimizer(list(params.values()), self.optim, self.lr, self.momentum,
                                              nesterov=self.nesterov)
 
+    def kept_modules(self):
+        return self.anchor
+
     def _teacher(self, x):
         return functional_call(self.backbone, self.teacher.offline, (x,))
 
-    def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        anchor = self.anchor[0].to(x.device)
+    def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        self.anchor[0].to(x.device)
         with torch.no_grad():
-            confidence = anchor(x).softmax(1).max(1).values.mean()
+            confidence = self.anchor[0](x).softmax(1).max(1).values.mean()
             teacher = self._teacher(x)
-            passes = 3
+            self.count_passes(2)
             if confidence < self.ap:
                 views = augment_views(x, self.n_aug)
                 teacher = self._teacher(views).view(self.n_aug, x.shape[0], -1).mean(0)
-                passes += self.n_aug
+                self.count_passes(self.n_aug)
         with torch.enable_grad():
             student = self.backbone(x)
+            self.count_passes(1)
             loss = soft_ce(student, teacher)
             if self.loss_kind == "sce":  # ImageNet code: 0.5/0.5 in both directions
                 loss = 0.5 * loss + 0.5 * soft_ce(teacher, student)
@@ -108,7 +107,4 @@ class CoTTA(TTAStrategy):
             loss.mean().backward()
             self.optimizer.step()
         self.teacher.step()  # EMA of the student, then stochastic restore of the student toward the source
-        self._passes += passes * x.shape[0]
-        self._images += x.shape[0]
-        self.forward_passes_per_test_image = self._passes / self._images
         return teacher

@@ -27,10 +27,11 @@ class Tent(TTAStrategy):
             p.requires_grad_(True)
         self.optimizer = self.make_optimizer(params, self.optim, self.lr, self.momentum)
 
-    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             for step in range(self.steps):
                 logits = self.backbone(x)
+                self.count_passes(1)
                 if step == 0:
                     prediction = logits.detach()
                 loss = softmax_entropy(logits).mean()
