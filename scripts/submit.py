@@ -102,8 +102,10 @@ def status(folder: Path) -> list[dict]:
                 row["result"] = job.result()
                 row["state"] = "finished"
             except Exception as exc:  # noqa: BLE001 - the job's own error, reported, not raised
-                lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-                row["state"], row["error"] = "failed", lines[-1] if lines else type(exc).__name__
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+                errors = [line for line in lines if "Error: " in line or "Exception: " in line]  # the raise line
+                row["state"] = "failed"
+                row["error"] = (errors or lines or [type(exc).__name__])[-1]
         rows.append(row)
     return rows
 
