@@ -122,7 +122,7 @@ class MOS(Strategy):
         """CLS features with adapter set k (None: the current, trainable set); `pulling` enables the
         reference's in-place pulls during this forward."""
         adapters = self.cur_adapter if k is None or k >= len(self.adapter_list) else self.adapter_list[k]
-        index = int(self.experiences_seen) - 1 if k is None else k
+        index = self._task() if k is None else k
         peft.set_mlp_adapters(self.backbone.model, list(adapters))
         self._pull_target, self._pull_index = (adapters, index) if pulling else (None, None)
         try:
@@ -134,15 +134,26 @@ class MOS(Strategy):
 
     # --- training --------------------------------------------------------------------------------
     def begin_experience(self, exp):
-        self.cls2task[list(exp.classes)] = int(self.experiences_seen) - 1
+        # Host-side copies for the step (issue 10: no device->host sync per step): the task index and the old
+        # classes whose stored means enter L_orth.
+        self._task_index = int(self.experiences_seen) - 1
+        self._old_classes = (self.seen_mask & ~self.current_mask).nonzero().flatten()
+        self.cls2task[list(exp.classes)] = self._task_index
         self.cur_adapter.requires_grad_(True)
         self.head.requires_grad_(True)
         return [{"params": list(self.cur_adapter.parameters())},
                 {"params": list(self.head.parameters()), "lr_scale": 0.1}]
 
+    def _task(self) -> int:
+        """The current task index, without reading the device buffer when begin_experience has cached it."""
+        t = getattr(self, "_task_index", None)
+        return int(self.experiences_seen) - 1 if t is None else t
+
     def orth_loss(self, feats: torch.Tensor) -> torch.Tensor:
-        old = self.seen_mask & ~self.current_mask
-        m = torch.cat([self.cls_mean[old], feats.float()]) if old.any() else feats.float()
+        old = getattr(self, "_old_classes", None)
+        if old is None:
+            old = (self.seen_mask & ~self.current_mask).nonzero().flatten()
+        m = torch.cat([self.cls_mean[old], feats.float()]) if len(old) else feats.float()
         sim = m @ m.T / self.h["orth_temperature"]
         return self.h["reg"] * F.cross_entropy(sim, torch.arange(len(m), device=m.device))
 
@@ -152,7 +163,7 @@ class MOS(Strategy):
         return F.cross_entropy(logits.float(), batch.y) + self.orth_loss(feats)
 
     def after_optimizer_step(self) -> None:
-        self.pull(self.cur_adapter, int(self.experiences_seen) - 1)
+        self.pull(self.cur_adapter, self._task())
 
     # --- end of experience -----------------------------------------------------------------------
     def end_experience(self, exp, loader) -> None:
