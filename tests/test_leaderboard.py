@@ -72,8 +72,8 @@ def test_find_results_skips_broken_files(tmp_path):
 
 
 SWEEP = ["strategy=finetune,simplecil,avalanche/naive", "seed=0,1", "scenario=digits", "debug=fast",
-         "scenario.init_cls=4", "scenario.increment=3", "scenario.limit_per_class=8", "trainer.device=cpu",
-         "trainer.progress=false"]  # 3 experiences (4+3+3 classes), 8 images per class
+         "scenario.init_cls=4", "scenario.increment=3", "scenario.limit_per_class=6", "trainer.device=cpu",
+         "trainer.progress=false"]  # 3 experiences (4+3+3 classes), 6 images per class
 
 
 @pytest.fixture(scope="module")

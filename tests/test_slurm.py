@@ -88,7 +88,8 @@ def test_multirun_on_slurm_with_requeue_and_leaderboard(slurm_cluster, tmp_path)
            # >= 13 min so that submitit calls a USR2 "pre-emption", not a time-out (it counts those)
            "CLBENCH_SLURM_TIME_MIN": "20", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=slurm", "strategy=simplecil,finetune",
-           "scenario=digits", "debug=fast", "trainer.limit_train_batches=2", "trainer.device=cpu",
+           "scenario=digits", "debug=fast", "scenario.init_cls=5", "scenario.increment=5",  # 2 experiences
+           "trainer.limit_train_batches=2", "trainer.device=cpu",
            "trainer.progress=false", f"results_root={runs}", f"hydra.sweep.dir={sweep}"]
     t0 = time.time()
     log = open(tmp_path / "multirun.log", "w")
@@ -109,7 +110,7 @@ def test_multirun_on_slurm_with_requeue_and_leaderboard(slurm_cluster, tmp_path)
 
     results = {r["strategy"]: r for r in find_results([runs])}
     assert set(results) == {"simplecil", "finetune"}, output[-3000:]
-    assert all(r["status"] == "finished" and len(r["acc_matrix"]) == 5 for r in results.values())
+    assert all(r["status"] == "finished" and len(r["acc_matrix"]) == 2 for r in results.values())
     events = [json.loads(line) for line in (Path(results["finetune"]["_path"]).parent / "events.jsonl")
               .read_text().splitlines()]
     kinds = [e["event"] for e in events]
@@ -138,7 +139,8 @@ def test_submit_returns_at_once_and_status_names_the_failure(slurm_cluster, tmp_
     script = str(ROOT / "scripts" / "submit.py")
     t0 = time.time()
     p = subprocess.run([sys.executable, script, "--folder", str(folder), "strategy=simplecil", "scenario=digits",
-                        "debug=fast", "scenario.limit_per_class=8", "trainer.device=cpu", "trainer.progress=false",
+                        "debug=fast", "scenario.limit_per_class=8", "scenario.init_cls=5", "scenario.increment=5",
+                        "trainer.device=cpu", "trainer.progress=false",
                         "scenario.bad_images=fail,skp", f"results_root={tmp_path / 'runs'}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "submitted 2 jobs" in p.stdout, p.stdout + p.stderr
