@@ -53,6 +53,6 @@ def load_cifar_c(dataset: str, root: Path, corruption: str, severity: int, n_exa
                           + expected_tree(dataset, Path(root), (corruption,)))
     n = PER_SEVERITY if n_examples is None else min(int(n_examples), PER_SEVERITY)
     start = (int(severity) - 1) * PER_SEVERITY
-    x = torch.from_numpy(np.ascontiguousarray(images[start: start + n])).permute(0, 3, 1, 2).contiguous()
+    x = torch.from_numpy(np.array(images[start: start + n])).permute(0, 3, 1, 2).contiguous()
     y = torch.from_numpy(np.asarray(labels[:n]).astype(np.int64))
     return x, y

@@ -251,3 +251,33 @@ def metrics_from_history(history) -> dict:
                              "peak_memory_mb": max((c.get("peak_memory_mb") or 0 for c in costs), default=None),
                              "peak_memory_kind": costs[-1].get("peak_memory_kind") if costs else None}
     return out
+
+
+ROBUSTBENCH_DATASETS = {"cifar10-c": "cifar10", "cifar100-c": "cifar100", "imagenet-c": "imagenet"}
+
+
+def robustbench_state_dict(model_dir, dataset: str, model_name: str, threat_model: str = "corruptions") -> dict:
+    """The state dict of a RobustBench checkpoint in RobustBench's file layout, read without robustbench:
+
+        <model_dir>/<cifar10|cifar100|imagenet>/<threat_model>/<model_name>.pt
+
+    A checkpoint holds either {'state_dict': ...} or the state dict itself; the 'module.' (DataParallel) and
+    'model.' prefixes are stripped, as robustbench.utils.load_model does. (ImageNet 'Standard_R50' has no file
+    in RobustBench: it is torchvision's resnet50 IMAGENET1K_V1 weights.)"""
+    folder = ROBUSTBENCH_DATASETS.get(dataset, dataset)
+    path = Path(model_dir) / folder / threat_model / f"{model_name}.pt"
+    if not path.is_file():
+        raise ConfigError(f"RobustBench checkpoint {path} not found: expected the layout "
+                          f"<model_dir>/<cifar10|cifar100|imagenet>/{threat_model}/<ModelName>.pt, e.g. "
+                          f"{Path(model_dir) / 'cifar10' / 'corruptions' / 'Standard.pt'} (robustbench.utils.load_model "
+                          "downloads there; copy the file from a machine that has it)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ConfigError(f"{path}: not a RobustBench checkpoint (a state dict, or a dict with 'state_dict')")
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "model."):
+            k = k.replace(prefix, "")
+        out[k] = v
+    return out

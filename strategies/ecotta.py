@@ -38,6 +38,46 @@ from cl.errors import ConfigError
 from strategies.tta_base import TTAStrategy, softmax_entropy, source_batches, use_batch_stats
 
 
+def _frozen_bn_forward(self, x):
+    """A frozen BN in eval mode as the affine map it is: backward then needs only the per-channel scale, not
+    the input (F.batch_norm keeps its input for backward even when nothing in it trains)."""
+    scale = self.weight / torch.sqrt(self.running_var + self.eps)
+    shift = self.bias - self.running_mean * scale
+    return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+class _FrozenConv(torch.autograd.Function):
+    """Convolution with a frozen weight that keeps only the weight for backward (the input gradient needs
+    nothing else): PyTorch's own conv keeps its input even when the weight needs no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(weight)
+        ctx.shape, ctx.args = x.shape, (stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        gx = torch.nn.grad.conv2d_input(ctx.shape, weight, grad, *ctx.args)
+        return gx, None, None, None, None, None, None
+
+
+def _frozen_conv_forward(self, x):
+    return _FrozenConv.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def freeze_original(model: nn.Module) -> None:
+    """The original network: no gradients for its weights, source BN statistics, BNs computed as affine maps,
+    convolutions that keep no activations (the memory EcoTTA saves; docs/tta.md)."""
+    model.eval().requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.affine:
+            m.forward = _frozen_bn_forward.__get__(m)
+        elif type(m) is nn.Conv2d and m.padding_mode == "zeros" and isinstance(m.padding, tuple):
+            m.forward = _frozen_conv_forward.__get__(m)
+
+
 class MetaPart(nn.Module):
     """One frozen original part with its meta network beside it; returns (x̃_k, x_k = f_k(input))."""
 
@@ -111,7 +151,7 @@ class EcoTTA(TTAStrategy):
         self.warmup_s = 0.0
 
     def configure(self) -> None:
-        self.backbone.eval().requires_grad_(False)  # the original network: frozen, source BN statistics
+        freeze_original(self.backbone)  # frozen, source BN statistics
         size, chans = self.backbone.input_size, self.backbone.in_chans
         self.net = EcoTTANet(self.backbone.model, (chans, size, size))
         for p in self.net.meta_parameters():

@@ -1,0 +1,96 @@
+"""The released-file readers of the tta kind, on tiny files the tests write: CIFAR-C .npy severity slicing,
+the ImageNet-C folder tree with RobustBench's id list, the RobustBench checkpoint layout, clear errors."""
+import numpy as np
+import pytest
+import torch
+
+from cl.errors import ConfigError
+
+
+def _cifar_c(root, corruptions=("gaussian_noise", "contrast")):
+    folder = root / "CIFAR-10-C"
+    folder.mkdir(parents=True)
+    for j, c in enumerate(corruptions):
+        a = np.zeros((50000, 32, 32, 3), dtype=np.uint8)
+        for s in range(5):  # the pixel value encodes (corruption, severity)
+            a[s * 10000:(s + 1) * 10000] = 10 * j + s + 1
+        np.save(folder / f"{c}.npy", a)
+    np.save(folder / "labels.npy", np.tile(np.arange(10000) % 10, 5))
+
+
+def test_cifar_c_severity_slicing_and_labels(tmp_path):
+    from scenarios.cifar_c import load_cifar_c
+
+    _cifar_c(tmp_path)
+    x, y = load_cifar_c("cifar10-c", tmp_path, "contrast", 3, n_examples=100)
+    assert x.shape == (100, 3, 32, 32) and x.dtype == torch.uint8
+    assert (x == 13).all()  # rows 20000..30000 of the second file
+    assert torch.equal(y, torch.arange(100) % 10)
+
+
+def test_cifar_c_stream_and_missing_file_lists_tree(tmp_path):
+    from scenarios.tta import build_tta
+
+    _cifar_c(tmp_path)
+    s = build_tta({"dataset": "cifar10-c", "corruptions": ["gaussian_noise", "contrast"], "severity": 5,
+                   "n_examples": 50}, tmp_path)
+    assert [e.domain for e in s] == ["gaussian_noise_5", "contrast_5"] and s.info.extra["corruption_source"] == "released"
+    assert (s[1].test.tensors[0] == 15).all()
+    with pytest.raises(ConfigError, match="CIFAR-10-C/shot_noise.npy"):
+        build_tta({"dataset": "cifar10-c", "corruptions": ["shot_noise"]}, tmp_path)
+
+
+def test_imagenet_c_tree_uses_robustbench_ids(tmp_path):
+    from PIL import Image
+
+    from scenarios.imagenet_c import ImageNetC, robustbench_ids
+
+    ids = robustbench_ids()
+    assert len(ids) == 5000 and len(set(ids)) == 5000
+    folder = tmp_path / "ImageNet-C" / "fog" / "5"
+    for entry in ids[:3]:
+        (folder / entry).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (224, 224), (10, 20, 30)).save(folder / entry)
+    (folder / "n00000000").mkdir()  # an extra class folder shifts nothing before it
+    ds = ImageNetC(tmp_path, "fog", 5, n_examples=3)
+    wnids = sorted(p.name for p in folder.iterdir())
+    assert [int(t) for t in ds.targets] == [wnids.index(e.split("/")[0]) for e in ids[:3]]
+    x, _ = ds[0]
+    assert x.shape == (3, 224, 224) and x.dtype == torch.uint8
+    with pytest.raises(ConfigError, match="missing"):
+        ImageNetC(tmp_path, "fog", 5, n_examples=10)
+    with pytest.raises(ConfigError, match=r"ImageNet-C/<corruption>/<severity>/<wnid>"):
+        ImageNetC(tmp_path, "snow", 5)
+
+
+def test_robustbench_checkpoint_layout(tmp_path):
+    from scenarios.tta import robustbench_state_dict
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    folder = tmp_path / "cifar10" / "corruptions"
+    folder.mkdir(parents=True)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, folder / "Standard.pt")
+    state = robustbench_state_dict(tmp_path, "cifar10-c", "Standard")
+    fresh = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh[0].weight, net[0].weight)
+    with pytest.raises(ConfigError, match="cifar100/corruptions/Hendrycks2020AugMix_ResNeXt.pt"):
+        robustbench_state_dict(tmp_path, "cifar100-c", "Hendrycks2020AugMix_ResNeXt")
+
+
+def test_generated_option_is_labelled(tmp_path):
+    pytest.importorskip("imagecorruptions")
+    from scenarios.tta import build_tta
+
+    s = build_tta({"dataset": "generated", "clean": {"dataset": "synthetic", "image_size": 32, "test_per_class": 2},
+                   "corruptions": ["gaussian_noise"], "severity": 3}, tmp_path)
+    assert s.info.extra["corruption_source"] == "generated:imagecorruptions"
+    x = s[0].test.tensors[0]
+    assert x.dtype == torch.uint8 and x.shape[1:] == (3, 32, 32)
+
+
+def test_unknown_corruption_is_a_config_error(tmp_path):
+    from scenarios.tta import build_tta
+
+    with pytest.raises(ConfigError, match="scenario.corruptions"):
+        build_tta({"dataset": "synthetic-c", "corruptions": ["gausian_noise"]}, tmp_path)
