@@ -1,4 +1,5 @@
-"""DER++ reservoir buffer: fills, then keeps exactly `size` items; the buffer loss is zero for a perfect fit."""
+"""DER++ reservoir buffer and loss: fills, then keeps exactly `size` items with reservoir probabilities; the
+logit-replay term is zero for a perfect fit; replay starts at the second experience (SparCL's rule)."""
 import torch
 from torch import nn
 
@@ -12,6 +13,21 @@ def test_reservoir_fills_then_stays_full():
     buf.add(torch.arange(3.0, 100.0)[:, None], torch.arange(3, 100), torch.zeros(97, 2))
     assert len(buf) == 5 and buf.seen == 100
     assert len(set(buf.y.tolist())) == 5
+    assert torch.equal(buf.x[:, 0].long(), buf.y)  # input, label (and logits) stay together
+
+
+def test_reservoir_keeps_each_example_with_probability_size_over_seen():
+    counts = torch.zeros(100)
+    for seed in range(300):
+        buf = ReservoirBuffer(10, generator=torch.Generator().manual_seed(seed))
+        for start in range(0, 100, 20):  # five batches of 20
+            ids = torch.arange(start, start + 20)
+            buf.add(ids[:, None].float(), ids, torch.zeros(20, 1))
+        counts[buf.y] += 1
+    freq = counts / 300
+    assert abs(freq.mean().item() - 0.1) < 1e-6
+    assert freq[:50].mean().item() == __import__("pytest").approx(0.1, abs=0.025)  # early ones not favoured
+    assert freq[50:].mean().item() == __import__("pytest").approx(0.1, abs=0.025)
 
 
 def test_buffer_loss_mse_term_zero_when_logits_match():
@@ -19,5 +35,14 @@ def test_buffer_loss_mse_term_zero_when_logits_match():
     x = torch.randn(4, 2)
     buf = ReservoirBuffer(4, generator=torch.Generator().manual_seed(0))
     buf.add(x, torch.zeros(4, dtype=torch.long), model(x))
-    loss = derpp_buffer_loss(model, buf, 4, alpha=1.0, beta=0.0)
-    assert float(loss.detach()) < 1e-10
+    loss, n = derpp_buffer_loss(model, buf, 4, alpha=1.0, beta=0.0)
+    assert float(loss.detach()) < 1e-10 and n == 8
+
+
+def test_buffer_state_round_trips():
+    buf = ReservoirBuffer(3, generator=torch.Generator().manual_seed(1), x_shape=(1,), n_logits=2)
+    buf.add(torch.arange(5.0)[:, None], torch.arange(5), torch.zeros(5, 2))
+    other = ReservoirBuffer(3, generator=torch.Generator().manual_seed(9), x_shape=(1,), n_logits=2)
+    other.load_state_dict(buf.state_dict())
+    assert other.seen == 5 and torch.equal(other.y, buf.y)
+    assert torch.equal(other.sample(2)[1], buf.sample(2)[1])  # same generator state: same draws
