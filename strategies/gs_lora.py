@@ -65,7 +65,9 @@ def lora_groups(blocks: Iterable[Iterable[torch.nn.Module]]) -> list[list[torch.
 
 
 def group_norms(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    return torch.stack([torch.sqrt(sum((p ** 2).sum() for p in g)) for g in groups])
+    """||g|| per group. `vector_norm`'s backward is 0 at a zero group (sqrt's would be inf * 0 = NaN), i.e. the
+    subgradient 0 for a group the proximal step has zeroed."""
+    return torch.stack([torch.linalg.vector_norm(torch.cat([p.reshape(-1) for p in g])) for g in groups])
 
 
 def group_lasso(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
