@@ -2,6 +2,7 @@
 // src, mask; writes off, on). Same hash as the CPU kernel and cl/ops.py's reference.
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
+#include <algorithm>
 #include <cstdint>
 
 __device__ __forceinline__ uint32_t mix32_d(uint32_t x) {
