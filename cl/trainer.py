@@ -501,7 +501,6 @@ class Trainer:
         acc_task = (correct_task.cpu().double() / cnt * 100).tolist()
         return acc, acc_task, counts
 
-
     def _cached_features(self, strategy: Strategy, exps: list):
         """(features, labels) batches over the seen test sets from the feature cache, or None without one."""
         cache = getattr(strategy, "feature_cache", None)
