@@ -60,6 +60,22 @@ def augment_views(x: torch.Tensor, n: int, gen: torch.Generator | None = None) -
     return flat.clamp(0, 1)
 
 
+@torch.no_grad()
+def teacher_pseudo_labels(strategy, x: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits on x; averaged over `n_aug` augmented views when the frozen source model's mean
+    confidence is below the threshold `ap` (CoTTA's augmentation-averaged pseudo-labels; PSMT reuses them).
+    `strategy` has `anchor`, `_teacher`, `ap`, `n_aug` and `count_passes`."""
+    strategy.anchor[0].to(x.device)
+    confidence = strategy.anchor[0](x).softmax(1).max(1).values.mean()
+    teacher = strategy._teacher(x)
+    strategy.count_passes(2)
+    if confidence < strategy.ap:
+        views = augment_views(x, strategy.n_aug)
+        teacher = strategy._teacher(views).view(strategy.n_aug, x.shape[0], -1).mean(0)
+        strategy.count_passes(strategy.n_aug)
+    return teacher
+
+
 class CoTTA(TTAStrategy):
     name = "cotta"
 
@@ -88,15 +104,7 @@ class CoTTA(TTAStrategy):
         return functional_call(self.backbone, self.teacher.offline, (x,))
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
-        self.anchor[0].to(x.device)
-        with torch.no_grad():
-            confidence = self.anchor[0](x).softmax(1).max(1).values.mean()
-            teacher = self._teacher(x)
-            self.count_passes(2)
-            if confidence < self.ap:
-                views = augment_views(x, self.n_aug)
-                teacher = self._teacher(views).view(self.n_aug, x.shape[0], -1).mean(0)
-                self.count_passes(self.n_aug)
+        teacher = teacher_pseudo_labels(self, x)
         with torch.enable_grad():
             student = self.backbone(x)
             self.count_passes(1)

@@ -34,7 +34,7 @@ import torch
 from torch.func import functional_call
 
 from cl.ema import MeanTeacher
-from strategies.cotta import augment_views
+from strategies.cotta import augment_views, teacher_pseudo_labels
 from strategies.tta_base import TTAStrategy, soft_ce, source_batches, use_batch_stats
 
 
@@ -111,14 +111,7 @@ class PSMT(TTAStrategy):
         return functional_call(self.backbone, self.teacher.offline, (x,))
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
-        self.anchor[0].to(x.device)
-        with torch.no_grad():
-            confidence = self.anchor[0](x).softmax(1).max(1).values.mean()
-            teacher = self._teacher(x)
-            self.count_passes(2)
-            if confidence < self.ap:
-                teacher = self._teacher(augment_views(x, self.n_aug)).view(self.n_aug, x.shape[0], -1).mean(0)
-                self.count_passes(self.n_aug)
+        teacher = teacher_pseudo_labels(self, x)  # CoTTA's augmentation-averaged pseudo-labels
         params = list(self.params.values())
         with torch.enable_grad():
             both = self.backbone(torch.cat([x, augment_views(x, 1)]))  # plain and augmented view, one pass
