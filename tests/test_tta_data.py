@@ -79,7 +79,7 @@ def test_robustbench_checkpoint_layout(tmp_path):
 
 
 def test_generated_option_is_labelled(tmp_path):
-    pytest.importorskip("imagecorruptions")
+    pytest.importorskip("imagecorruptions", reason="the optional extra `tta` is not installed: pip install -e .[tta]")
     from scenarios.tta import build_tta
 
     s = build_tta({"dataset": "generated", "clean": {"dataset": "synthetic", "image_size": 32, "test_per_class": 2},
