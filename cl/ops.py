@@ -9,7 +9,7 @@ so the two agree exactly on which elements are restored (tests compare them on r
 
 The extension (csrc/mean_teacher.cpp, plus csrc/mean_teacher.cu when nvcc and a GPU are there) is built on
 first use with torch.utils.cpp_extension.load (ninja) into CLBENCH_EXT_DIR (default ~/.cache/clbench/ext), so
-a session builds it once. impl="torch" forces the reference, "ext" the extension, "auto" (default) the
+a session builds it once; it registers the operator torch.ops.clbench.mean_teacher_update. impl="torch" forces the reference, "ext" the extension, "auto" (default) the
 extension when CLBENCH_OPS=ext is set and it builds, else the reference. Why not the extension by default:
 on CPU it must beat the reference by >= 1.3x to stay (see docs/speed.md for the measured ratio).
 """
@@ -26,6 +26,7 @@ _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _EXT = None
 _EXT_ERROR: str | None = None
 _M32 = 0xFFFFFFFF
+IMPLS = ("auto", "torch", "ext")
 
 
 def hash_uniform(seed: int, n: int, device=None) -> torch.Tensor:
@@ -53,24 +54,28 @@ def mean_teacher_update_ref(off: torch.Tensor, on: torch.Tensor, src: torch.Tens
 
 
 def load_extension(verbose: bool = False):
-    """The compiled module, built on first call (ninja); None with the reason in `extension_error()`."""
+    """The compiled operator `torch.ops.clbench.mean_teacher_update`, built on first call (ninja); None with the
+    reason in `extension_error()` (no compiler, no ninja).
+
+    Built with the fewest flags that keep the kernel fast (-O2, no debug info) from ATen's core headers only
+    (csrc/mean_teacher.cpp registers a TORCH_LIBRARY operator, no pybind11 module), and from the CPU source
+    alone when there is no GPU: the cold CPU build is what CI pays once per test session (tests/test_ops.py)."""
     global _EXT, _EXT_ERROR
     if _EXT is not None or _EXT_ERROR is not None:
         return _EXT
     try:
         from torch.utils.cpp_extension import load
         sources = [str(_CSRC / "mean_teacher.cpp")]
-        flags = ["-O3"]
         cuda = torch.cuda.is_available() and os.environ.get("CLBENCH_OPS_CUDA", "1") != "0"
         if cuda:
             sources.append(str(_CSRC / "mean_teacher.cu"))
-            flags.append("-DWITH_CUDA")
-        build = Path(os.environ.get("CLBENCH_EXT_DIR", Path.home() / ".cache" / "clbench" / "ext"))
-        build = build / ("clbench_ops_cuda" if cuda else "clbench_ops_cpu")
+        name = "clbench_ops_cuda" if cuda else "clbench_ops_cpu"
+        build = Path(os.environ.get("CLBENCH_EXT_DIR", Path.home() / ".cache" / "clbench" / "ext")) / name
         build.mkdir(parents=True, exist_ok=True)
-        _EXT = load(name="clbench_ops_cuda" if cuda else "clbench_ops_cpu", sources=sources,
-                    extra_cflags=flags, extra_cuda_cflags=["-O3", "-DWITH_CUDA"] if cuda else None,
-                    build_directory=str(build), verbose=verbose)
+        load(name=name, sources=sources, extra_cflags=["-O2", "-g0"],
+             extra_cuda_cflags=["-O2"] if cuda else None, build_directory=str(build), verbose=verbose,
+             is_python_module=False)
+        _EXT = torch.ops.clbench.mean_teacher_update
     except Exception as e:  # no compiler, no ninja: the reference is used
         _EXT_ERROR = f"{type(e).__name__}: {e}".splitlines()[0]
     return _EXT
@@ -87,15 +92,20 @@ def mean_teacher_update_(off: torch.Tensor, on: torch.Tensor, src: torch.Tensor 
     """Fused EMA + stochastic restore on flat buffers (see module doc); returns the implementation used."""
     if restore_prob > 0 and src is None:
         raise ValueError("mean_teacher_update_: restore_prob > 0 needs a source buffer")
+    if impl not in IMPLS:
+        raise ValueError(f"mean_teacher_update_: impl must be one of {IMPLS}, got {impl!r}")
     use_ext = impl == "ext" or (impl == "auto" and os.environ.get("CLBENCH_OPS") == "ext")
-    if use_ext and off.dtype == torch.float32 and on.dtype == torch.float32 and off.is_contiguous() \
-            and on.is_contiguous() and (src is None or src.dtype == torch.float32):
+    fits = off.dtype == torch.float32 and on.dtype == torch.float32 and off.is_contiguous() \
+        and on.is_contiguous() and (src is None or (src.dtype == torch.float32 and src.is_contiguous()))
+    if impl == "ext" and not fits:
+        raise ValueError("mean_teacher_update_(impl='ext') needs contiguous float32 buffers: pass flat "
+                         "buffers (cl.ema.MeanTeacher keeps them) or impl='torch'")
+    if use_ext and fits:
         ext = load_extension()
         if ext is not None:
             empty = off.new_empty(0)
             m = mask.contiguous() if mask is not None else empty.bool()
-            ext.mean_teacher_update(off, on, src if src is not None else empty, m, float(decay),
-                                    float(restore_prob), int(seed))
+            ext(off, on, src if src is not None else empty, m, float(decay), float(restore_prob), int(seed))
             return "ext"
         if impl == "ext":
             raise RuntimeError(f"clbench_ops extension did not build: {_EXT_ERROR}")

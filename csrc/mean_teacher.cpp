@@ -1,20 +1,44 @@
 // Fused mean-teacher update on flat float32 buffers (CPU), one pass:
-//   off <- lerp(off, on, 1 - decay)                     (EMA of the teacher, torch.lerp's formula)
+//   off <- lerp(off, on, 1 - decay)                             (EMA of the teacher, torch.lerp's formula)
 //   on  <- src  where hash_uniform(seed, i) < p [and mask[i]]   (stochastic restore, optional Fisher mask)
 // The uniform draw is a counter-based hash of (seed, index) so that cl/ops.py's PyTorch reference draws the
 // same numbers: the kernel and the reference agree exactly on which elements are restored.
-#include <torch/extension.h>
+//
+// Registered as the operator torch.ops.clbench.mean_teacher_update (TORCH_LIBRARY), not as a pybind11 module:
+// only ATen's core headers are compiled (no torch/extension.h, no pybind11), which keeps the cold CPU build
+// short enough for CI (docs/speed.md). csrc/mean_teacher.cu registers the CUDA implementation of the same op.
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
 #include <cstdint>
 
 static inline uint32_t mix32(uint32_t x) {
   x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16; return x;
 }
 
-void mean_teacher_update_cpu(torch::Tensor off, torch::Tensor on, torch::Tensor src, torch::Tensor mask,
+// Checks shared by the CPU and CUDA implementations (declared in both translation units' op schema).
+void mean_teacher_check(const at::Tensor& off, const at::Tensor& on, const at::Tensor& src,
+                        const at::Tensor& mask, double p) {
+  TORCH_CHECK(off.scalar_type() == at::kFloat && on.scalar_type() == at::kFloat,
+              "mean_teacher_update: off and on must be float32");
+  TORCH_CHECK(off.is_contiguous() && on.is_contiguous(), "mean_teacher_update: off and on must be contiguous");
+  TORCH_CHECK(off.numel() == on.numel(), "mean_teacher_update: off and on differ in size");
+  TORCH_CHECK(off.device() == on.device(), "mean_teacher_update: off and on on different devices");
+  if (p > 0.0) {
+    TORCH_CHECK(src.scalar_type() == at::kFloat && src.is_contiguous() && src.numel() == on.numel() &&
+                src.device() == on.device(), "mean_teacher_update: src must be a contiguous float32 buffer like on");
+    if (mask.numel()) {
+      TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.numel() == on.numel() &&
+                  mask.device() == on.device(), "mean_teacher_update: mask must be a contiguous bool buffer like on");
+    }
+  }
+}
+
+void mean_teacher_update_cpu(at::Tensor off, at::Tensor on, at::Tensor src, at::Tensor mask,
                              double decay, double p, int64_t seed) {
-  TORCH_CHECK(off.is_contiguous() && on.is_contiguous() && off.scalar_type() == torch::kFloat32 &&
-              on.scalar_type() == torch::kFloat32 && off.numel() == on.numel(), "flat contiguous float32 buffers");
+  mean_teacher_check(off, on, src, mask, p);
   const int64_t n = off.numel();
+  if (n == 0) return;
   float* o = off.data_ptr<float>();
   float* x = on.data_ptr<float>();
   const float w = static_cast<float>(1.0 - decay);
@@ -24,33 +48,29 @@ void mean_teacher_update_cpu(torch::Tensor off, torch::Tensor on, torch::Tensor 
   const uint32_t sd = static_cast<uint32_t>(seed);
   const float pf = static_cast<float>(p);
   at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+    if (!restore) {
+      for (int64_t i = b; i < e; ++i) {
+        const float a = o[i], d = x[i] - a;
+        o[i] = (w < 0.5f) ? a + w * d : x[i] - d * (1.0f - w);
+      }
+      return;
+    }
     for (int64_t i = b; i < e; ++i) {
       const float a = o[i], v = x[i];
       const float d = v - a;
       o[i] = (w < 0.5f) ? a + w * d : v - d * (1.0f - w);
-      if (restore) {
-        const uint32_t h = mix32(static_cast<uint32_t>(i) * 0x9E3779B9U + sd);
-        const float u = static_cast<float>(h >> 8) * (1.0f / 16777216.0f);
-        if (u < pf && (m == nullptr || m[i])) x[i] = s[i];
-      }
+      const uint32_t h = mix32(static_cast<uint32_t>(i) * 0x9E3779B9U + sd);
+      const float u = static_cast<float>(h >> 8) * (1.0f / 16777216.0f);
+      if (u < pf && (m == nullptr || m[i])) x[i] = s[i];
     }
   });
 }
 
-#ifdef WITH_CUDA
-void mean_teacher_update_cuda(torch::Tensor off, torch::Tensor on, torch::Tensor src, torch::Tensor mask,
-                              double decay, double p, int64_t seed);
-#endif
-
-void mean_teacher_update(torch::Tensor off, torch::Tensor on, torch::Tensor src, torch::Tensor mask,
-                         double decay, double p, int64_t seed) {
-#ifdef WITH_CUDA
-  if (off.is_cuda()) return mean_teacher_update_cuda(off, on, src, mask, decay, p, seed);
-#endif
-  TORCH_CHECK(!off.is_cuda(), "clbench_ops was built without CUDA");
-  mean_teacher_update_cpu(off, on, src, mask, decay, p, seed);
+TORCH_LIBRARY(clbench, lib) {
+  lib.def("mean_teacher_update(Tensor(a!) off, Tensor(b!) on, Tensor src, Tensor mask, float decay, float p, "
+          "int seed) -> ()");
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("mean_teacher_update", &mean_teacher_update, "fused EMA + stochastic restore on flat buffers");
+TORCH_LIBRARY_IMPL(clbench, CPU, lib) {
+  lib.impl("mean_teacher_update", &mean_teacher_update_cpu);
 }
