@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cl.ema import MeanTeacher
+from cl.ema import MeanTeacher, _mix32
 
 
 def test_offline_copy_is_the_hand_computed_ema_after_k_updates():
@@ -155,3 +155,109 @@ def test_update_and_restore_on_cuda():
     assert mt.offline_tensors()[0].device.type == "cuda"
     assert torch.allclose(mt.offline_tensors()[0], source + 0.1, atol=1e-6)
     assert abs((online[0] == source).float().mean().item() - 0.5) < 0.01
+
+
+# --- flat buffers and the fused kernel (issue 10) ------------------------------------------------------------
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(33, 17), nn.LayerNorm(17), nn.Linear(17, 5))
+
+
+def _train_and_follow(mt, net, loop, steps=4, decay=0.9):
+    """SGD steps on `net`; after each, mt.update() and the per-tensor reference loop on `loop`."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.3)
+    x = torch.randn(8, 33, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+        mt.update()
+        with torch.no_grad():
+            for ref, p in zip(loop, net.parameters()):
+                ref.lerp_(p, 1.0 - decay)  # the per-tensor loop
+
+
+def test_flat_and_foreach_paths_equal_the_per_tensor_loop():
+    for flat_online in (None, False):
+        net = _net()
+        loop = [p.detach().clone() for p in net.parameters()]
+        mt = MeanTeacher(net, decay=0.9, flat_online=flat_online)
+        assert mt.flat_online == (flat_online is None)
+        _train_and_follow(mt, net, loop)
+        for off, ref in zip(mt.offline_tensors(), loop):
+            assert torch.equal(off, ref)  # element for element
+    # the flat path really is one buffer on both sides, and the module still trains through its parameters
+    views = mt.offline_tensors()
+    assert len({t.untyped_storage().data_ptr() for t in views}) == 1
+    net = _net()
+    MeanTeacher(net, decay=0.9)
+    assert len({p.untyped_storage().data_ptr() for p in net.parameters()}) == 1
+
+
+def test_flat_views_survive_moves_loads_and_copies():
+    net = _net()
+    loop = [p.detach().clone() for p in net.parameters()]
+    mt = MeanTeacher(net, decay=0.9)
+    for p in net.parameters():  # what Module.to() does to a parameter: new storage behind the same object
+        p.data = p.data.clone()
+    mt.to(torch.float32)
+    _train_and_follow(mt, net, loop)  # re-linked at the first update
+    assert len({p.untyped_storage().data_ptr() for p in net.parameters()}) == 1
+    for off, ref in zip(mt.offline_tensors(), loop):
+        assert torch.equal(off, ref)
+    state = {k: v.clone() for k, v in mt.state_dict().items() if k != "_extra_state"}
+    other = MeanTeacher(_net(), decay=0.9)
+    other.load_state_dict(state, strict=False)
+    assert all(torch.equal(a, b) for a, b in zip(other.offline_tensors(), mt.offline_tensors()))
+    assert len({t.untyped_storage().data_ptr() for t in other.offline_tensors()}) == 1  # copied into the views
+    twin = copy.deepcopy(mt)
+    assert len({t.untyped_storage().data_ptr() for t in twin.offline_tensors()}) == 1
+
+
+def test_mixed_dtypes_use_the_per_tensor_copies():
+    online = [torch.randn(5), torch.randn(3, dtype=torch.float64)]
+    mt = MeanTeacher(online, decay=0.5)
+    assert not mt.flat_online
+    online[0].add_(2.0)
+    online[1].add_(2.0)
+    mt.update()
+    assert torch.allclose(mt.offline_tensors()[1], online[1] - 1.0)
+    with pytest.raises(ValueError, match="impl"):
+        MeanTeacher(online, decay=0.5, impl="ext")
+    with pytest.raises(ValueError, match="impl must be"):
+        MeanTeacher([torch.randn(3)], decay=0.5, impl="cuda")
+
+
+def test_ext_impl_equals_the_reference_loop_and_the_shared_hash(ops_ext):
+    from cl import ops
+    net = _net()
+    loop = [p.detach().clone() for p in net.parameters()]
+    mt = MeanTeacher(net, decay=0.9, impl="ext")
+    _train_and_follow(mt, net, loop)
+    for off, ref in zip(mt.offline_tensors(), loop):
+        torch.testing.assert_close(off, ref, atol=1e-6, rtol=1e-6)  # the EMA: same formula, no FMA in the kernel
+    # step() = one fused pass: the EMA of the pre-restore values, then the hash restore toward the source
+    net = _net()
+    source = [p.detach().clone() for p in net.parameters()]
+    mt = MeanTeacher(net, decay=0.8, restore_prob=0.3, impl="ext", generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    off0 = torch.cat([t.flatten() for t in mt.offline_tensors()])
+    on0 = torch.cat([p.detach().flatten() for p in net.parameters()])
+    mt.step()
+    ref_off, ref_on = off0.clone(), on0.clone()
+    seed = _mix32(mt._seed_base ^ _mix32(1 * 0x9E3779B9))  # the first restore's seed
+    ops.mean_teacher_update_ref(ref_off, ref_on, torch.cat([s.flatten() for s in source]), 0.8, 0.3, seed)
+    torch.testing.assert_close(torch.cat([t.flatten() for t in mt.offline_tensors()]), ref_off, atol=1e-6, rtol=1e-6)
+    assert torch.equal(torch.cat([p.detach().flatten() for p in net.parameters()]), ref_on)
+    frac = (ref_on != on0).float().mean().item()
+    assert 0.25 < frac < 0.35
+    # resume: the seed base and the restore count are state; a rebuilt teacher restores the same elements next
+    twin_net = copy.deepcopy(net)
+    twin = MeanTeacher(twin_net, decay=0.8, restore_prob=0.3, impl="ext")
+    twin.load_state_dict(mt.state_dict())
+    mt.step()
+    twin.step()
+    assert torch.equal(torch.cat([p.detach().flatten() for p in net.parameters()]),
+                       torch.cat([p.detach().flatten() for p in twin_net.parameters()]))

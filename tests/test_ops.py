@@ -1,50 +1,20 @@
 """cl.ops / csrc: the fused mean-teacher kernel equals its PyTorch reference on random inputs.
 
 The CPU build runs in CI (not slow-marked): one cold build per test session into a temporary CLBENCH_EXT_DIR
-(module-scoped fixture; the build time is printed with `-s`), then the kernel is compared with
-`mean_teacher_update_ref` on random buffers: EMA alone, restore with the shared hash, the Fisher mask, and the
+(the session fixture `ops_ext` in conftest.py, shared with tests/test_ema.py; `-s` prints the build time), then
+the kernel is compared with `mean_teacher_update_ref` on random buffers: EMA alone, restore with the shared hash, the Fisher mask, and the
 edge cases p = 0, p = 1, an empty buffer, rejected non-contiguous / wrong-dtype inputs. Without a C++ compiler
 or ninja the kernel tests skip with the reason; the reference tests always run.
 """
-import os
-import shutil
-import sys
-import time
-
 import pytest
 import torch
 
 from cl import ops
 
 
-def _missing_toolchain() -> str | None:
-    ninja_here = os.path.exists(os.path.join(os.path.dirname(sys.executable), "ninja"))
-    if shutil.which("ninja") is None and not ninja_here:
-        return "ninja is not installed (pip install -e .[kernels]; the test extra has it)"
-    if not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "c++", "g++", "clang++")):
-        return "no C++ compiler on PATH (install g++ or set CXX)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def ext(tmp_path_factory):
-    reason = _missing_toolchain()
-    if reason:
-        pytest.skip(reason)
-    old = os.environ.get("CLBENCH_EXT_DIR")
-    os.environ["CLBENCH_EXT_DIR"] = str(tmp_path_factory.mktemp("ext"))  # cold: nothing cached
-    ops._EXT = ops._EXT_ERROR = None
-    start = time.perf_counter()
-    try:
-        m = ops.load_extension()
-    finally:
-        if old is None:
-            os.environ.pop("CLBENCH_EXT_DIR", None)
-        else:
-            os.environ["CLBENCH_EXT_DIR"] = old
-    print(f"\n[clbench] cold CPU build of csrc/mean_teacher.cpp: {time.perf_counter() - start:.1f} s")
-    assert m is not None, ops.extension_error()
-    return m
+@pytest.fixture
+def ext(ops_ext):  # tests/conftest.py: built cold once per session
+    return ops_ext
 
 
 def _buffers(n, seed=0, with_mask=False):
