@@ -34,6 +34,7 @@ SOURCES: dict[str, str] = {
     "synthetic-forget": "scenarios.synthetic_forget:build_source",  # original classifier + .head
     "open_clip": "cl.backbones_open_clip:build_open_clip",
     "timm-cifar": "cl.backbones_cifar:build_timm_cifar",  # ResNets with the 3x3 CIFAR stem (SparCL, DER++)
+    "robustbench": "cl.backbones_robustbench:build_robustbench",  # CTTA source classifiers (WRN-28-10, ResNeXt-29, R50)
 }
 
 

@@ -67,6 +67,65 @@ def _frozen_conv_forward(self, x):
     return _FrozenConv.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+_BITS = 2 ** torch.arange(8, dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 bytes, 8 elements per byte."""
+    flat = F.pad(mask.flatten().to(torch.uint8), (0, (-mask.numel()) % 8)).view(-1, 8)
+    return (flat * _BITS.to(mask.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
+    n = math.prod(shape)
+    return (packed.unsqueeze(1) & _BITS.to(packed.device)).ne(0).flatten()[:n].view(shape)
+
+
+class _PackedReLU(torch.autograd.Function):
+    """ReLU whose backward keeps a bit-packed mask (1 bit per element, TinyTL's accounting, which the EcoTTA
+    paper uses) instead of the float output PyTorch's ReLU keeps: its input gradient needs only where x > 0."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(pack_bits(x > 0))
+        ctx.shape = x.shape
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        return grad * unpack_bits(packed, ctx.shape)
+
+
+class _PackedL1(torch.autograd.Function):
+    """mean |a - b| with b a constant target; backward keeps sign(a - b) as two bit masks, not the difference."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        d = a - b
+        ctx.save_for_backward(pack_bits(d > 0), pack_bits(d < 0))
+        ctx.shape = d.shape
+        return d.abs().mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        pos, neg = ctx.saved_tensors
+        sign = unpack_bits(pos, ctx.shape).to(grad.dtype) - unpack_bits(neg, ctx.shape).to(grad.dtype)
+        return grad * sign / sign.numel(), None
+
+
+class PackedReLUs(torch.overrides.TorchFunctionMode):
+    """Inside it, every ReLU (F.relu, nn.ReLU, torch.relu, inplace or not) on a tensor that needs a gradient runs
+    as `_PackedReLU` (the frozen original's ReLUs: their parts are fixed code of any architecture)."""
+
+    RELUS = (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.RELUS and torch.is_grad_enabled() and args[0].requires_grad:
+            return _PackedReLU.apply(args[0])
+        return func(*args, **(kwargs or {}))
+
+
 def freeze_original(model: nn.Module) -> None:
     """The original network: no gradients for its weights, source BN statistics, BNs computed as affine maps,
     convolutions that keep no activations (the memory EcoTTA saves; docs/tta.md)."""
@@ -93,20 +152,55 @@ class MetaPart(nn.Module):
         return self.meta_bn(xk) + F.relu(self.bn(self.conv(x))), xk
 
 
+def split_blocks(model: nn.Module) -> tuple[list[nn.Module], dict]:
+    """The model's residual blocks in order and its K -> blocks-per-part table (cl/backbones_robustbench.py)."""
+    if not (hasattr(model, "stem") and hasattr(model, "head") and (hasattr(model, "blocks") or hasattr(model, "stages"))):
+        raise ConfigError("ecotta needs a source model split into stem, blocks and head (the synthetic-c ResNet or a "
+                          f"robustbench backbone); {type(model).__name__} has no such split")
+    blocks = list(model.blocks()) if hasattr(model, "blocks") else list(model.stages)
+    return blocks, dict(getattr(model, "ecotta_partitions", {}) or {})
+
+
+def resolve_partition(n_blocks: int, table: dict, num_parts: int | None, partition=None) -> list[int]:
+    """Blocks per part: `partition` if given, else the model's K=`num_parts` entry (the paper's Table 13 splits),
+    else, for a model without a table (synthetic-c), one part per stage."""
+    if partition is None:
+        if not table:
+            partition = [1] * n_blocks
+        elif num_parts in table:
+            partition = table[num_parts]
+        else:
+            raise ConfigError(f"ecotta: this model defines K in {sorted(table)} parts: set strategy.num_parts to one "
+                              "of them, or strategy.partition to a list of blocks per part")
+    partition = [int(p) for p in partition]
+    if sum(partition) != n_blocks or min(partition) < 1:
+        raise ConfigError(f"ecotta: strategy.partition {partition} must be positive and sum to the model's "
+                          f"{n_blocks} blocks")
+    return partition
+
+
 class EcoTTANet(nn.Module):
-    def __init__(self, model: nn.Module, in_shape: tuple[int, ...]):
+    """The frozen source network cut into K parts of consecutive blocks, a meta network beside each part; the
+    stem and the head (final BN/pool/classifier) stay frozen and outside the parts, as in the sample code."""
+
+    def __init__(self, backbone: nn.Module, in_shape: tuple[int, ...], num_parts: int | None = 5, partition=None):
         super().__init__()
-        if not all(hasattr(model, a) for a in ("stem", "stages", "head")):
-            raise ConfigError("ecotta needs a source model split into parts (attributes stem, stages, head, as the "
-                              f"synthetic-c ResNet); {type(model).__name__} has no such split")
+        model = backbone.model
+        blocks, table = split_blocks(model)
+        self.partition = resolve_partition(len(blocks), table, num_parts, partition)
         self.stem, self.head_fn = model.stem, model.head
         self.frozen = model  # registered: the original weights are part of the state
-        parts = []
+        self.normalize = backbone.normalize != "none"
+        self.register_buffer("mean", backbone.mean.clone(), persistent=False)
+        self.register_buffer("std", backbone.std.clone(), persistent=False)
+        parts, start = [], 0
         with torch.no_grad():
             h = model.stem(torch.zeros(2, *in_shape))
-            for stage in model.stages:
-                out = stage(h)
-                parts.append(MetaPart(stage, h.shape[1], out.shape[1], max(1, h.shape[-1] // out.shape[-1])))
+            for n in self.partition:
+                original = nn.Sequential(*blocks[start:start + n])
+                start += n
+                out = original(h)
+                parts.append(MetaPart(original, h.shape[1], out.shape[1], max(1, h.shape[-1] // out.shape[-1])))
                 h = out
         self.parts = nn.ModuleList(parts)
 
@@ -114,12 +208,15 @@ class EcoTTANet(nn.Module):
         return [p for part in self.parts for m in (part.meta_bn, part.conv, part.bn) for p in m.parameters()]
 
     def forward(self, x):
-        h = self.stem(x)
-        pairs = []
-        for part in self.parts:
-            h, xk = part(h)
-            pairs.append((h, xk))
-        return self.head_fn(h), pairs
+        if self.normalize:
+            x = (x - self.mean) / self.std
+        with PackedReLUs():  # ReLUs keep 1-bit masks for backward (the original's and the meta networks')
+            h = self.stem(x)
+            pairs = []
+            for part in self.parts:
+                h, xk = part(h)
+                pairs.append((h, xk))
+            return self.head_fn(h), pairs
 
 
 def _warmup_augment(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -143,9 +240,12 @@ class EcoTTA(TTAStrategy):
     name = "ecotta"
 
     def __init__(self, lr: float = 5e-3, momentum: float = 0.9, reg_weight: float = 0.5, e0_factor: float = 0.4,
-                 warmup_epochs: int = 10, warmup_lr: float = 0.05, warmup_batch_size: int = 64, **kw):
+                 warmup_epochs: int = 10, warmup_lr: float = 0.05, warmup_batch_size: int = 64, num_parts: int = 5,
+                 partition=None, **kw):
         super().__init__(lr=lr, momentum=momentum, reg_weight=reg_weight, e0_factor=e0_factor,
-                         warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, warmup_batch_size=warmup_batch_size, **kw)
+                         warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, warmup_batch_size=warmup_batch_size,
+                         num_parts=num_parts, partition=partition, **kw)
+        self.num_parts, self.partition = int(num_parts), (list(partition) if partition is not None else None)
         self.lr, self.momentum, self.reg_weight, self.e0_factor = float(lr), float(momentum), float(reg_weight), float(e0_factor)
         self.warmup_epochs, self.warmup_lr, self.warmup_bs = int(warmup_epochs), float(warmup_lr), int(warmup_batch_size)
         self.warmup_s = 0.0
@@ -153,7 +253,7 @@ class EcoTTA(TTAStrategy):
     def configure(self) -> None:
         freeze_original(self.backbone)  # frozen, source BN statistics
         size, chans = self.backbone.input_size, self.backbone.in_chans
-        self.net = EcoTTANet(self.backbone.model, (chans, size, size))
+        self.net = EcoTTANet(self.backbone, (chans, size, size), self.num_parts, self.partition)
         for p in self.net.meta_parameters():
             p.requires_grad_(True)
         self.register_buffer("warmed_up", torch.zeros((), dtype=torch.bool))
@@ -213,7 +313,7 @@ class EcoTTA(TTAStrategy):
             ent = softmax_entropy(logits)
             confident = ent < self.e0_factor * math.log(logits.shape[1])
             loss_ent = (ent * confident).sum() / confident.sum().clamp_min(1)
-            reg = sum((xt - xk.detach()).abs().mean() for xt, xk in pairs)
+            reg = sum(_PackedL1.apply(xt, xk.detach()) for xt, xk in pairs)  # mean |x̃_k - sg(x_k)|
             loss = loss_ent + self.reg_weight * reg
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

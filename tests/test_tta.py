@@ -135,7 +135,9 @@ def test_ecotta_saves_backward_memory_against_cotta(data_root):
             s.forward_and_adapt(x.detach())
         sizes[name] = saved.bytes
     print("saved for backward, bytes:", sizes)
-    assert sizes["ecotta"] > 0 and sizes["cotta"] > 0
+    # one block per part on this tiny model: the meta networks are most of what EcoTTA keeps (measured 0.61;
+    # on WRN-28's real depth and partitioning 0.37, tests/test_tta_robustbench.py)
+    assert 0 < sizes["ecotta"] < 0.8 * sizes["cotta"]
 
 
 def test_ecotta_trains_only_meta_networks(data_root):
