@@ -12,8 +12,10 @@ Datasets (`scenario.dataset`), each recorded in the stream info as `corruption_s
 - `generated`: any registered clean test set (`scenario.clean: {dataset: ..., ...}`) corrupted on the fly by
   `imagecorruptions` (the `imagecorruptions-imaug` fork, extra `tta`; `generated:imagecorruptions`). Its
   constants are ImageNet-C's, harsher than CIFAR-10-C's on 32 px images: never comparable with the released sets.
-Options: `reset_each_shift`, `gradual` (every domain 1->5->1, mariodoebler's schedule), `mixed` (all domains
-in one shuffled experience), `order_seed` (one of several random orders), `shuffle_within_domain`.
+Options: `reset_each_shift`, `gradual` (true/mariodoebler: every domain 1->5->1; cotta: the first 5->1, later
+ones 1->5->1), `mixed` (all domains in one shuffled experience), `order_seed` (one random order), `orders` (several
+orders one after another in one run, the strategy reset at each order's start; `mean_error_per_order`; CoTTA's
+ten ImageNet-C orders are in configs/experiment/cotta_imagenetc.yaml), `shuffle_within_domain`.
 Scoring: `metrics_from_history` (error per named domain, `mean_error`, and the cost figures per batch).
 """
 from __future__ import annotations
@@ -73,7 +75,16 @@ GENERATED = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "c
 
 
 def _domains(cfg: dict, default_names=CORRUPTIONS) -> list[tuple[str, int]]:
-    """(corruption, severity) per experience: the fixed order at one severity, or gradual 1..5..1 per corruption."""
+    """(corruption, severity) per experience: the fixed order at one severity, gradual severities per corruption,
+    or several orders one after another (`orders`: CoTTA's ImageNet-C protocol, reset at each order's start)."""
+    orders = cfg.get("orders")
+    if orders:
+        if cfg.get("order_seed") is not None:
+            raise ConfigError("scenario.orders and scenario.order_seed exclude each other: set one to null")
+        out = []
+        for order in orders:
+            out += _domains({**cfg, "orders": None, "corruptions": list(order)}, default_names)
+        return out
     names = list(cfg.get("corruptions") or default_names)
     unknown = [n for n in names if n not in CORRUPTIONS]
     if unknown:
@@ -85,9 +96,25 @@ def _domains(cfg: dict, default_names=CORRUPTIONS) -> list[tuple[str, int]]:
     if order_seed is not None:  # one of CoTTA's "several random orders"
         perm = torch.randperm(len(names), generator=torch.Generator().manual_seed(int(order_seed))).tolist()
         names = [names[i] for i in perm]
-    if cfg.get("gradual"):  # mariodoebler's schedule: every domain 1 -> 5 -> 1
+    gradual = cfg.get("gradual")
+    if gradual in (True, "mariodoebler"):  # mariodoebler's schedule: every domain 1 -> 5 -> 1
         return [(n, s) for n in names for s in (1, 2, 3, 4, 5, 4, 3, 2, 1)]
+    if gradual == "cotta":  # qinenergy/cotta cifar10c_gradual.py: the first domain 5 -> 1, later ones 1 -> 5 -> 1
+        return [(n, s) for i, n in enumerate(names) for s in ((5, 4, 3, 2, 1) if i == 0 else (1, 2, 3, 4, 5, 4, 3, 2, 1))]
+    if gradual not in (None, False):
+        raise ConfigError(f"scenario.gradual must be false, true (= mariodoebler) or cotta, got {gradual!r}")
     return [(n, severity) for n in names]
+
+
+def _order_starts(cfg: dict) -> list[int]:
+    """Experience indices where a new corruption order begins (`orders`); the strategy resets there."""
+    if not cfg.get("orders"):
+        return []
+    starts, i = [], 0
+    for order in cfg["orders"]:
+        starts.append(i)
+        i += len(_domains({**cfg, "orders": None, "corruptions": list(order)}))
+    return starts
 
 
 def _limit(y: torch.Tensor, limit, n_classes: int) -> torch.Tensor:
@@ -120,15 +147,18 @@ def _stream(cfg: dict, domains, tests: list, train, n_classes: int, input_shape,
         exps = [Experience(0, train, Subset(union, perm), classes, "tta", domain="mixed",
                            meta={"domains": names})]
     else:
+        starts = _order_starts(cfg)
+        order = [sum(1 for s in starts if s <= i) - 1 for i in range(len(tests))] if starts else [0] * len(tests)
         exps = [Experience(i, train, t, classes, "tta", domain=names[i],
-                           meta={"corruption": domains[i][0], "severity": domains[i][1]})
+                           meta={"corruption": domains[i][0], "severity": domains[i][1], "order": order[i]})
                 for i, t in enumerate(tests)]
     info = StreamInfo(name=cfg.get("name") or cfg.get("dataset"), kind="tta", n_classes=n_classes,
                       n_experiences=len(exps), class_order=classes, input_shape=tuple(input_shape),
                       classes_per_experience=[classes] * len(exps),
                       extra={"domains": [e.domain for e in exps], "corruption_source": source,
                              "reset_each_shift": bool(cfg.get("reset_each_shift", False)),
-                             "gradual": bool(cfg.get("gradual", False)), "mixed": bool(cfg.get("mixed", False)),
+                             "gradual": cfg.get("gradual") or False, "mixed": bool(cfg.get("mixed", False)),
+                             "order_starts": [] if cfg.get("mixed") else _order_starts(cfg),
                              "shuffle_within_domain": bool(cfg.get("shuffle_within_domain", False)), **extra})
     return Stream(exps, info)
 
@@ -148,8 +178,11 @@ def _synthetic_c(cfg: dict, data_root: Path) -> Stream:
     if bad:
         raise ConfigError(f"synthetic-c cannot generate {sorted(set(bad))}; use corruptions from {list(GENERATED)}")
     seed = int(cfg.get("corruption_seed", 0))
-    tests = [TensorDataset(corrupt(x, n, s, torch.Generator().manual_seed(seed * 1000 + i)), y)
-             for i, (n, s) in enumerate(domains)]
+    loaded = {}  # a recurring (corruption, severity) is the same images, as in the released sets
+    for i, d in enumerate(domains):
+        if d not in loaded:
+            loaded[d] = TensorDataset(corrupt(x, d[0], d[1], torch.Generator().manual_seed(seed * 1000 + i)), y)
+    tests = [loaded[d] for d in domains]
     return _stream(cfg, domains, tests, train, params["n_classes"], (3, params["image_size"], params["image_size"]),
                    "generated:clbench-torch")
 
@@ -161,13 +194,15 @@ def _cifar_c(cfg: dict, data_root: Path) -> Stream:
     n_classes = 10 if dataset == "cifar10-c" else 100
     domains = _domains(cfg)
     names = sorted({n for n, _ in domains})
-    tests = []
-    for name, sev in domains:
-        x, y = load_cifar_c(dataset, data_root, name, sev, cfg.get("n_examples"), names)
-        if cfg.get("limit_per_class"):
-            keep = _limit(y, cfg["limit_per_class"], n_classes)
-            x, y = x[keep], y[keep]
-        tests.append(TensorDataset(x, y))
+    tests, loaded = [], {}
+    for name, sev in domains:  # a (corruption, severity) that recurs (gradual, several orders) is read once
+        if (name, sev) not in loaded:
+            x, y = load_cifar_c(dataset, data_root, name, sev, cfg.get("n_examples"), names)
+            if cfg.get("limit_per_class"):
+                keep = _limit(y, cfg["limit_per_class"], n_classes)
+                x, y = x[keep], y[keep]
+            loaded[name, sev] = TensorDataset(x, y)
+        tests.append(loaded[name, sev])
     return _stream(cfg, domains, tests, TensorDataset(torch.empty(0, 3, 32, 32, dtype=torch.uint8),
                                                       torch.empty(0, dtype=torch.long)),
                    n_classes, (3, 32, 32), "released")
@@ -178,9 +213,13 @@ def _imagenet_c(cfg: dict, data_root: Path) -> Stream:
 
     domains = _domains(cfg)
     n = cfg.get("n_examples", 5000)
-    tests = [ImageNetC(data_root, name, sev, n, str(cfg.get("preprocess", "none"))) for name, sev in domains]
-    if cfg.get("limit_per_class"):
-        tests = [Subset(t, _limit(t.targets, cfg["limit_per_class"], t.n_classes).tolist()) for t in tests]
+    loaded = {}
+    for name, sev in dict.fromkeys(domains):  # each (corruption, severity) scanned once
+        t = ImageNetC(data_root, name, sev, n, str(cfg.get("preprocess", "none")))
+        if cfg.get("limit_per_class"):
+            t = Subset(t, _limit(t.targets, cfg["limit_per_class"], t.n_classes).tolist())
+        loaded[name, sev] = t
+    tests = [loaded[d] for d in domains]
     empty = TensorDataset(torch.empty(0, 3, 224, 224, dtype=torch.uint8), torch.empty(0, dtype=torch.long))
     return _stream(cfg, domains, tests, empty, 1000, (3, 224, 224), "released",
                    preprocess=str(cfg.get("preprocess", "none")), image_ids="robustbench-5000" if n and int(n) <= 5000 else "all")
@@ -213,11 +252,14 @@ def _generated(cfg: dict, data_root: Path) -> Stream:
     hwc = x.permute(0, 2, 3, 1).numpy()
     if hwc.shape[-1] == 1:
         hwc = np.repeat(hwc, 3, axis=-1)
-    tests = []
+    loaded = {}
     for i, (name, sev) in enumerate(domains):
+        if (name, sev) in loaded:  # a recurring domain is the same images
+            continue
         np.random.seed(seed * 1000 + i)  # imagecorruptions draws from numpy's global RNG
         out = np.stack([np.clip(ic_corrupt(img, corruption_name=name, severity=sev), 0, 255) for img in hwc])
-        tests.append(TensorDataset(torch.from_numpy(out.astype(np.uint8)).permute(0, 3, 1, 2).contiguous(), y))
+        loaded[name, sev] = TensorDataset(torch.from_numpy(out.astype(np.uint8)).permute(0, 3, 1, 2).contiguous(), y)
+    tests = [loaded[d] for d in domains]
     return _stream(cfg, domains, tests, data.train, n_classes, tuple(tests[0].tensors[0].shape[1:]),
                    "generated:imagecorruptions", clean_dataset=clean["dataset"])
 
@@ -240,6 +282,10 @@ def metrics_from_history(history) -> dict:
     out = {"online_acc_per_experience": online, "error_per_experience": errors,
            "error_per_domain": {n: e / max(c, 1) for n, (e, c) in per_domain.items()},
            "mean_error": sum(errors) / k}
+    orders = [c.get("order") for c in costs]
+    if len(costs) == k and None not in orders and len(set(orders)) > 1:  # several orders: the mean of each
+        out["mean_error_per_order"] = [sum(e for e, o in zip(errors, orders) if o == j) / orders.count(j)
+                                       for j in sorted(set(orders))]
 
     def mean(key):
         vals = [c[key] for c in costs if c.get(key) is not None]
@@ -270,7 +316,9 @@ def robustbench_state_dict(model_dir, dataset: str, model_name: str, threat_mode
         raise ConfigError(f"RobustBench checkpoint {path} not found: expected the layout "
                           f"<model_dir>/<cifar10|cifar100|imagenet>/{threat_model}/<ModelName>.pt, e.g. "
                           f"{Path(model_dir) / 'cifar10' / 'corruptions' / 'Standard.pt'} (robustbench.utils.load_model "
-                          "downloads there; copy the file from a machine that has it)")
+                          "downloads there; copy the file from a machine that has it"
+                          + ("; for Standard_R50 set backbone.weights to torchvision's resnet50-0676ba61.pth instead)"
+                             if model_name == "Standard_R50" else ")"))
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):

@@ -114,8 +114,12 @@ class TTAStrategy(Strategy):
         """Put the model in its adaptation mode and build what the method keeps (optimizer, teacher)."""
 
     def begin_experience(self, exp):
-        if exp.index > 0 and self.info.extra.get("reset_each_shift"):
+        """Reset to the source model at each domain shift (`reset_each_shift`) or at the start of each corruption
+        order (`orders`: several orders in one stream, each from the source model)."""
+        new_order = exp.index in (self.info.extra.get("order_starts") or [])
+        if exp.index > 0 and (self.info.extra.get("reset_each_shift") or new_order):
             self.reset()
+        self._order = (exp.meta or {}).get("order")
         return [p for p in self.parameters() if p.requires_grad]
 
     def reset(self) -> None:
@@ -174,7 +178,7 @@ class TTAStrategy(Strategy):
     def adapt_costs(self) -> dict:
         """This experience's cost figures (read by the trainer once the experience ends); then reset."""
         n = max(self._batches, 1)
-        out = {"forward_passes_per_batch": self._passes / n,
+        out = {"forward_passes_per_batch": self._passes / n, "order": getattr(self, "_order", None),
                "saved_for_backward_mb": self._saved_max / 2**20,
                "resident_state_mb": self.resident_bytes() / 2**20}
         self._batches = self._passes = self._saved_max = 0

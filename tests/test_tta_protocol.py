@@ -1,0 +1,102 @@
+"""The tta protocol's options (gradual severities, several orders with a reset at each, one random order, mixed
+domains, reset at each shift) and the paper presets (compose, missing data lists the expected tree)."""
+import pytest
+import torch
+import torch.nn as nn
+
+from cl.errors import ConfigError
+from scenarios.tta import build_tta, metrics_from_history
+
+SYN = {"dataset": "synthetic-c", "severity": 5, "limit_per_class": 2,
+       "synthetic": {"train_per_class": 4, "test_per_class": 4}}
+
+
+def test_gradual_schedules(tmp_path):
+    s = build_tta({**SYN, "corruptions": ["contrast", "fog"], "gradual": True}, tmp_path)
+    assert [e.domain for e in s][:10] == [f"contrast_{v}" for v in (1, 2, 3, 4, 5, 4, 3, 2, 1)] + ["fog_1"]
+    s = build_tta({**SYN, "corruptions": ["contrast", "fog"], "gradual": "cotta"}, tmp_path)
+    assert [e.meta["severity"] for e in s] == [5, 4, 3, 2, 1] + [1, 2, 3, 4, 5, 4, 3, 2, 1]
+    with pytest.raises(ConfigError, match="gradual must be"):
+        build_tta({**SYN, "gradual": "linear"}, tmp_path)
+
+
+def test_order_seed_mixed_and_several_orders(tmp_path):
+    names = ["gaussian_noise", "impulse_noise", "defocus_blur", "contrast"]
+    s = build_tta({**SYN, "corruptions": names, "order_seed": 3}, tmp_path)
+    assert sorted(e.meta["corruption"] for e in s) == sorted(names) and [e.meta["corruption"] for e in s] != names
+    s = build_tta({**SYN, "corruptions": names, "mixed": True}, tmp_path)
+    assert len(s) == 1 and s[0].domain == "mixed" and len(s[0].test) == 4 * 20
+    orders = [["contrast", "fog"], ["fog", "contrast"], ["pixelate", "fog"]]
+    s = build_tta({**SYN, "orders": orders}, tmp_path)
+    assert [e.domain for e in s] == ["contrast_5", "fog_5", "fog_5", "contrast_5", "pixelate_5", "fog_5"]
+    assert [e.meta["order"] for e in s] == [0, 0, 1, 1, 2, 2] and s.info.extra["order_starts"] == [0, 2, 4]
+    assert torch.equal(s[1].test.tensors[0], s[2].test.tensors[0])  # a recurring domain is the same data
+    with pytest.raises(ConfigError, match="exclude each other"):
+        build_tta({**SYN, "orders": orders, "order_seed": 1}, tmp_path)
+
+
+def test_mean_error_per_order():
+    from cl.trainer import History
+
+    errs = [10.0, 20.0, 30.0, 50.0]
+    h = History(acc_matrix=[[None] * i + [100 - e] for i, e in enumerate(errs)], test_counts=[5] * 4,
+                costs=[{"domain": d, "order": o} for d, o in zip(["a_5", "b_5", "b_5", "a_5"], [0, 0, 1, 1])])
+    m = metrics_from_history(h)
+    assert m["mean_error_per_order"] == pytest.approx([15.0, 40.0]) and m["mean_error"] == pytest.approx(27.5)
+    assert m["error_per_domain"] == pytest.approx({"a_5": 30.0, "b_5": 25.0})
+
+
+def _tent(extra):
+    from cl.backbones import Backbone
+    from cl.stream import Experience, StreamInfo
+    from strategies.tent import Tent
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 3))
+    bb = Backbone(net, name="t", arch="t", feature_dim=3, input_size=8, in_chans=3, normalize="none",
+                  weights_id="t", pretrained=True)
+    bb.is_classifier = True
+    info = StreamInfo(name="t", kind="tta", n_classes=3, n_experiences=3, class_order=[0, 1, 2], extra=extra)
+    t = Tent(lr=0.1)
+    t.setup(bb, info)
+    exps = [Experience(i, None, None, [0, 1, 2], "tta", domain=f"d{i}", meta={"order": int(i >= 2)}) for i in range(3)]
+    return t, exps
+
+
+@pytest.mark.parametrize("extra,resets", [({}, []), ({"reset_each_shift": True}, [1, 2]), ({"order_starts": [0, 2]}, [2])])
+def test_reset_at_each_shift_or_order_start(extra, resets):
+    t, exps = _tent(extra)
+    source = [p.detach().clone() for p in t.backbone.parameters()]
+    for e in exps:
+        t.begin_experience(e)
+        at_source = all(torch.equal(a, b) for a, b in zip(source, t.backbone.parameters()))
+        assert at_source == (e.index == 0 or e.index in resets), (e.index, extra)
+        t.adapt(torch.rand(8, 3, 8, 8))  # moves the BN affine parameters away from the source
+        assert t.adapt_costs()["order"] == e.meta["order"]
+
+
+PRESETS = {"cotta_cifar10c": ("cifar10-c", "wrn28-10-standard", "CIFAR-10-C/gaussian_noise.npy", 200),
+           "cotta_cifar100c": ("cifar100-c", "resnext29-augmix", "CIFAR-100-C/gaussian_noise.npy", 200),
+           "cotta_imagenetc": ("imagenet-c", "resnet50-standard", "ImageNet-C/<corruption>/<severity>/<wnid>", 64),
+           "tent_cifar10c": ("cifar10-c", "wrn28-10-standard", "CIFAR-10-C/labels.npy", 200),
+           "tent_imagenetc": ("imagenet-c", "resnet50-standard", "ImageNet-C/<corruption>", 64),
+           "source_cifar10c": ("cifar10-c", "wrn28-10-standard", "CIFAR-10-C/", 200),
+           "ecotta_cifar10c": ("cifar10-c", "wrn28-10-standard", "CIFAR-10-C/", 64)}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_compose_and_missing_data_lists_the_tree(compose, tmp_path, name):
+    dataset, backbone, tree, batch = PRESETS[name]
+    cfg = compose(f"experiment={name}", f"data_root={tmp_path}")
+    assert (cfg["scenario"]["dataset"], cfg["backbone"]["name"], cfg["trainer"]["batch_size"]) == (dataset, backbone, batch)
+    assert cfg["scenario"]["severity"] == 5 and cfg["scenario"]["reset_each_shift"] is False
+    assert isinstance(cfg["paper"]["mean_error"], float) and "not run" in cfg["paper"]["measured"]
+    if name == "cotta_imagenetc":  # the reference code's ImageNet settings, CoTTA's ten orders
+        s = cfg["strategy"]
+        assert (s["optim"], s["restore_prob"], s["ap"], s["loss"], s["nesterov"]) == ("sgd", 0.001, 0.1, "sce", True)
+        assert len(cfg["scenario"]["orders"]) == 10 and all(sorted(o) == sorted(cfg["scenario"]["orders"][0])
+                                                             for o in cfg["scenario"]["orders"])
+    with pytest.raises(ConfigError, match="missing") as err:
+        build_tta(cfg["scenario"], tmp_path)
+    assert tree in str(err.value)
