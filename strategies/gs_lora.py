@@ -6,7 +6,7 @@ Algorithm (per forget request t, reference `bjzhb666/GS-LoRA` train/train_own_fo
     LoRA (rank 8, loralib scaling 1/r) on BOTH FFN linears of every block; everything else frozen, head included
     for t > 0: re-initialise every LoRA (A ~ kaiming_uniform(a=sqrt(50)), B = 0)     # reinitialize_lora_parameters
     [GS-LoRA++] prototypes p_c = mean embedding of class c under the frozen model, over this request's data
-    for each step, on retained samples (y in R_t) and forget samples (y in F_t):
+    for each retained batch (x_r, y_r), with the next forget batch (x_f, y_f) of a cycled forget loader:
         L = CE(retain) + beta_t * ReLU(BND - CE(forget))                                 # bounded forgetting
           + alpha * sum_blocks sqrt(sum_{P in block's 4 LoRA matrices} ||P||_F^2)          # group lasso
           [+ w_f,t * ReLU(BND_pro - KL_f) + w_r * KL_r]     KL = KL(log_softmax(emb) || log_softmax(p_y))
@@ -21,10 +21,12 @@ script differs only in beta [0.2, 0.25, 0.25, 0.25] and pro_f 0.05 (`configs/exp
 Deliberate differences from the reference code, and why:
 - Checkpoint selection uses a validation split held out of the train set (`exp.meta['val_forget'/'val_retain']`),
   never the test set; the reference selects the best H on the test sets every 100 batches (leakage).
-- One loader over the request's data (forget and retained samples mixed, split by label inside the step) instead
-  of two loaders whose forget loader is cycled: each CE is still a mean over its own part, so the loss weights
-  are the reference's; what differs is that a batch holds forget samples in proportion to their share of the data
-  (a batch with none contributes no forgetting term). It keeps the trainer's seeded, resumable batch order.
+- Two batches per step, as the reference: the trainer's loader runs over the RETAINED samples of the request
+  (`training_data`, so an epoch is one pass over them, as `for ... in dataloader_remain`), and every step draws
+  a forget batch of the same size from the request's forget samples, cycling a seeded reshuffled order
+  (`ForgetCycle`, the reference's restarted forget prefetcher; its generator and position are in the resume
+  state). Two forwards per step. (An earlier version mixed both in one loader: a batch of 16 then held ~3 forget
+  samples and some none.)
 - The merge is explicit at the end of each request; the reference merges implicitly when loralib's `eval()` runs
   before saving.
 - The EMA of weights the reference can evaluate (`--average_weight`) is not built: it is only evaluated there,
@@ -40,6 +42,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +52,7 @@ from cl.errors import ConfigError
 from cl.peft import LoRALinear, add_lora
 from cl.strategy import Batch, Strategy
 from cl.stream import Experience
+from scenarios.subset import TargetSubset
 
 # --- the method's pieces (pure functions) ---------------------------------------------------------------------
 
@@ -99,10 +103,37 @@ def prototype_kl(emb: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
                     log_target=True).sum(dim=1)
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the masked entries (0 when none), without a host sync."""
-    m = mask.to(values.dtype)
-    return (values * m).sum() / m.sum().clamp(min=1.0)
+class ForgetCycle:
+    """Endless forget batches: a seeded permutation of the forget samples, drawn in order and reshuffled when
+    used up (the reference restarts its shuffled forget loader when it runs dry). `state()`/`load()` carry the
+    generator and the position, so a resumed run draws the same batches."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.n = dataset, len(dataset)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.order = torch.randperm(self.n, generator=self.generator)
+        self.pos = 0
+
+    def next_indices(self, size: int) -> list[int]:
+        out = []
+        while len(out) < size:
+            if self.pos == self.n:
+                self.order, self.pos = torch.randperm(self.n, generator=self.generator), 0
+            take = min(size - len(out), self.n - self.pos)
+            out += self.order[self.pos:self.pos + take].tolist()
+            self.pos += take
+        return out
+
+    def next_batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*[self.dataset[i] for i in self.next_indices(size)])
+        return torch.stack(xs), torch.as_tensor(ys)
+
+    def state(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order, "pos": self.pos}
+
+    def load(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.pos = state["order"], int(state["pos"])
 
 
 def h_on(model_logits, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
@@ -127,17 +158,17 @@ class GSLoRA(Strategy):
                  lasso_alpha: float = 1e-4, alpha_warmup_epochs: int = 0, group_prox: bool = False,
                  prox_lr: float = 1e-2, val_every: int = 100, prototype: bool = False,
                  pro_f_weight: float | Sequence[float] = 0.01, pro_r_weight: float = 0.0, bound_pro: float = 50.0,
-                 **hparams: Any):
+                 forget_seed: int = 0, **hparams: Any):
         if hparams:
             raise ConfigError(f"unknown gs_lora setting(s) {sorted(hparams)}: valid are rank, lora_alpha, where, bound, "
                               f"beta, lasso_alpha, alpha_warmup_epochs, group_prox, prox_lr, val_every, prototype, "
-                              f"pro_f_weight, pro_r_weight, bound_pro")
+                              f"pro_f_weight, pro_r_weight, bound_pro, forget_seed")
         if int(rank) < 1 or int(val_every) < 1:
             raise ConfigError(f"strategy.rank and strategy.val_every must be >= 1, got {rank} and {val_every}")
         super().__init__(rank=rank, lora_alpha=lora_alpha, where=list(where), bound=bound, beta=beta,
                          lasso_alpha=lasso_alpha, alpha_warmup_epochs=alpha_warmup_epochs, group_prox=group_prox,
                          prox_lr=prox_lr, val_every=val_every, prototype=prototype, pro_f_weight=pro_f_weight,
-                         pro_r_weight=pro_r_weight, bound_pro=bound_pro)
+                         pro_r_weight=pro_r_weight, bound_pro=bound_pro, forget_seed=forget_seed)
         self.rank, self.lora_alpha, self.where = int(rank), float(lora_alpha), tuple(where)
         self.bound, self.lasso_alpha = float(bound), float(lasso_alpha)
         self.betas = [float(b) for b in (beta if isinstance(beta, (list, tuple)) else [beta])]
@@ -145,6 +176,8 @@ class GSLoRA(Strategy):
         self.alpha_warmup_epochs, self.group_prox, self.prox_lr = int(alpha_warmup_epochs), bool(group_prox), float(prox_lr)
         self.val_every, self.prototype = int(val_every), bool(prototype)
         self.pro_r, self.bound_pro = float(pro_r_weight), float(bound_pro)
+        self.forget_seed = int(forget_seed)
+        self._forget: ForgetCycle | None = None
         self.request_log: list[dict] = []
 
     # --- setup: LoRA on every block's FFN, one group per block --------------------------------------------
@@ -180,10 +213,31 @@ class GSLoRA(Strategy):
         return self.backbone.head
 
     def get_extra_state(self) -> dict:
-        return {"request_log": self.request_log}
+        cycle = getattr(self, "_forget", None)
+        return {"request_log": self.request_log, "forget_cycle": cycle.state() if cycle is not None else None}
 
     def set_extra_state(self, state: dict) -> None:
         self.request_log = list(state.get("request_log", []))
+        cycle_state = state.get("forget_cycle")
+        if cycle_state is not None and getattr(self, "_forget", None) is not None:
+            self._forget.load(cycle_state)
+
+    # --- the request's data: the loader runs over the retained samples, forget batches come from a cycle ----
+    def training_data(self, seen):
+        """The retained samples of the current request (the reference's `dataloader_remain`)."""
+        exp = seen[-1]
+        keep = np.flatnonzero(~np.isin(np.asarray(exp.train.targets), list(exp.classes)))
+        if len(keep) == 0:
+            raise ConfigError(f"forget request {exp.index} has no retained training samples: GS-LoRA needs the "
+                              f"retained classes' data (raise scenario.data_ratio or scenario.few_shot)")
+        return TargetSubset(exp.train, keep)
+
+    def _forget_set(self, exp: Experience):
+        idx = np.flatnonzero(np.isin(np.asarray(exp.train.targets), list(exp.classes)))
+        if len(idx) == 0:
+            raise ConfigError(f"forget request {exp.index} has no training samples of its classes {exp.classes}: "
+                              f"raise scenario.data_ratio or scenario.few_shot")
+        return TargetSubset(exp.train, idx)
 
     # --- per request ----------------------------------------------------------------------------------------
     def begin_experience(self, exp: Experience):
@@ -196,6 +250,7 @@ class GSLoRA(Strategy):
         self._beta = self.betas[min(t, len(self.betas) - 1)]
         self._pro_f = self.pro_f[min(t, len(self.pro_f) - 1)]
         self._step = 0
+        self._forget = ForgetCycle(self._forget_set(exp), seed=self.forget_seed + t)
         device = self.seen_mask.device
         self._val = self._load_val(exp, device)
         self._val_before = self._val_acc("forget") if self._val else float("nan")
@@ -208,20 +263,22 @@ class GSLoRA(Strategy):
     def begin_epoch(self, epoch: int, n_epochs: int) -> None:
         self._alpha_now = 0.0 if epoch < self.alpha_warmup_epochs else self.lasso_alpha
 
+    def forget_batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next `size` forget samples, on the model's device and input format."""
+        x, y = self._forget.next_batch(size)
+        device = self.seen_mask.device
+        return to_model_input(x, self.backbone.input_size, self.backbone.in_chans, device), y.to(device)
+
     def train_step(self, batch: Batch) -> torch.Tensor:
-        emb = self.backbone(batch.x)
-        logits = self.head(emb)
-        forget = self.current_mask[batch.y]
-        ce = F.cross_entropy(logits.float(), batch.y, reduction="none")
-        loss_remain = _masked_mean(ce, ~forget)
-        has_forget = forget.any().to(ce.dtype)  # stays on the device
-        loss_forget = F.relu(self.bound - _masked_mean(ce, forget)) * has_forget  # bounded_forget_loss, masked
+        x_f, y_f = self.forget_batch(len(batch.y))
+        emb_r, emb_f = self.backbone(batch.x), self.backbone(x_f)  # two forwards, as the reference
+        loss_remain = F.cross_entropy(self.head(emb_r).float(), batch.y)
+        loss_forget = bounded_forget_loss(self.head(emb_f).float(), y_f, self.bound)
         loss = loss_remain + self._beta * loss_forget + self._alpha_now * group_lasso(self.groups)
         if self.prototype:
-            kl = prototype_kl(emb.float(), self.prototypes[batch.y])
-            loss = loss + self._pro_f * F.relu(self.bound_pro - _masked_mean(kl, forget)) * has_forget
+            loss = loss + self._pro_f * F.relu(self.bound_pro - prototype_kl(emb_f.float(), self.prototypes[y_f]).mean())
             if self.pro_r:
-                loss = loss + self.pro_r * _masked_mean(kl, ~forget)
+                loss = loss + self.pro_r * prototype_kl(emb_r.float(), self.prototypes[batch.y]).mean()
         return loss
 
     def after_optimizer_step(self) -> None:
@@ -238,6 +295,7 @@ class GSLoRA(Strategy):
         norms = [float(n) for n in group_norms(self.groups).detach()]
         zero = [all(int(torch.count_nonzero(p)) == 0 for p in g) for g in self.groups]
         merged = self.merge()
+        self._forget = None
         self.request_log.append({"request": exp.index, "val_h_mean": float(self.best_h), "group_norms": norms,
                                  "zero_groups": [i for i, z in enumerate(zero) if z], "merged_layers": merged})
         self._val = None
