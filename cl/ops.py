@@ -72,7 +72,7 @@ def load_extension(verbose: bool = False):
         name = "clbench_ops_cuda" if cuda else "clbench_ops_cpu"
         build = Path(os.environ.get("CLBENCH_EXT_DIR", Path.home() / ".cache" / "clbench" / "ext")) / name
         build.mkdir(parents=True, exist_ok=True)
-        load(name=name, sources=sources, extra_cflags=["-O2", "-g0"],
+        load(name=name, sources=sources, extra_cflags=["-O3", "-fopenmp", "-g0"], extra_ldflags=["-fopenmp"],
              extra_cuda_cflags=["-O2"] if cuda else None, build_directory=str(build), verbose=verbose,
              is_python_module=False)
         _EXT = torch.ops.clbench.mean_teacher_update

@@ -47,21 +47,36 @@ void mean_teacher_update_cpu(at::Tensor off, at::Tensor on, at::Tensor src, at::
   const bool* m = (restore && mask.numel()) ? mask.data_ptr<bool>() : nullptr;
   const uint32_t sd = static_cast<uint32_t>(seed);
   const float pf = static_cast<float>(p);
+  // Branch-free loop bodies so that the compiler vectorises them: lerp's formula switch (w < 0.5) and the mask
+  // test are hoisted out of the loops, both values are loaded before the select, and the uint32 -> float of the
+  // 24-bit draw goes through int32 (exact below 2^24; SSE/AVX have no unsigned conversion).
   at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
-    if (!restore) {
-      for (int64_t i = b; i < e; ++i) {
-        const float a = o[i], d = x[i] - a;
-        o[i] = (w < 0.5f) ? a + w * d : x[i] - d * (1.0f - w);
-      }
-      return;
+    if (w < 0.5f) {
+      for (int64_t i = b; i < e; ++i) o[i] = o[i] + w * (x[i] - o[i]);
+    } else {
+      const float w1 = 1.0f - w;
+      for (int64_t i = b; i < e; ++i) o[i] = x[i] - (x[i] - o[i]) * w1;
     }
-    for (int64_t i = b; i < e; ++i) {
-      const float a = o[i], v = x[i];
-      const float d = v - a;
-      o[i] = (w < 0.5f) ? a + w * d : v - d * (1.0f - w);
-      const uint32_t h = mix32(static_cast<uint32_t>(i) * 0x9E3779B9U + sd);
-      const float u = static_cast<float>(h >> 8) * (1.0f / 16777216.0f);
-      if (u < pf && (m == nullptr || m[i])) x[i] = s[i];
+    if (!restore) return;
+    const uint32_t b32 = static_cast<uint32_t>(b);
+    const int64_t len = e - b;
+    float* xb = x + b;
+    const float* sb = s + b;
+    if (m == nullptr) {
+      for (int64_t j = 0; j < len; ++j) {
+        const uint32_t h = mix32((b32 + static_cast<uint32_t>(j)) * 0x9E3779B9U + sd);
+        const float u = static_cast<float>(static_cast<int32_t>(h >> 8)) * (1.0f / 16777216.0f);
+        const float xv = xb[j], sv = sb[j];
+        xb[j] = (u < pf) ? sv : xv;
+      }
+    } else {
+      const bool* mb = m + b;
+      for (int64_t j = 0; j < len; ++j) {
+        const uint32_t h = mix32((b32 + static_cast<uint32_t>(j)) * 0x9E3779B9U + sd);
+        const float u = static_cast<float>(static_cast<int32_t>(h >> 8)) * (1.0f / 16777216.0f);
+        const float xv = xb[j], sv = sb[j];
+        xb[j] = ((u < pf) & mb[j]) ? sv : xv;
+      }
     }
   });
 }
