@@ -3,7 +3,9 @@
 Why a source of its own: union-label scenarios (X-TAIL) classify over class names through text prompts, so a
 strategy needs `encode_text(list_of_str)` and `logit_scale` besides image features. Weights come only from a
 local file (`weights:`) or, for `pretrained: <tag>`, from open_clip's local cache; nothing is downloaded. A
-`model_cfg:` mapping builds a custom (e.g. test-sized, random) CLIP through open_clip's own `CLIP` class.
+`model_cfg:` mapping builds a custom (e.g. test-sized, random) CLIP through open_clip's own `CLIP` class; with a
+`warmup:` mapping too, its weights are the cached contrastive warm-up of scenarios/xtail_warmup.py (synthetic-xtail's
+stand-in for CLIP pre-training), built on first use.
 """
 from __future__ import annotations
 
@@ -74,7 +76,12 @@ def build_open_clip(cfg: Mapping[str, Any]) -> ClipBackbone:
     if model_cfg:
         model = oc.CLIP(**{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dict(model_cfg).items()})
         weights_id = "random-init"
-        if weights:
+        if not weights and cfg.get("warmup"):  # a tiny CLIP "pre-trained" once on a synthetic stream's concepts
+            from scenarios.xtail_warmup import cached_warm_weights
+
+            path, key = cached_warm_weights(model_cfg, cfg["warmup"])
+            weights_id = f"xtail-warmup:{key}:" + _load_file(model, path, arch)
+        elif weights:
             weights_id = _load_file(model, Path(str(weights)).expanduser(), arch)
     else:
         if oc.get_model_config(arch) is None:
