@@ -145,7 +145,7 @@ def _run(compose, run_quiet, *extra, strategy="gs_lora"):
 
 
 def test_end_to_end_synthetic_forget_erases_forgotten_classes(compose, run_quiet):
-    """debug=fast data with 4 epochs per request (~30 AdamW steps at the reference's lr 1e-2; debug=fast alone gives
+    """debug=fast data with 4 epochs per request (20 AdamW steps at the reference's lr 1e-2; debug=fast alone gives
     5, too few at that lr: docs/forgetting_and_sparsity.md has the measurements): forgotten classes near zero,
     retained accuracy within a few points of the original model's on the same classes."""
     m = _run(compose, run_quiet, "debug=fast", "trainer.epochs=4")
