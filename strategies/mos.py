@@ -28,6 +28,13 @@ Deliberate choices (see `pull`):
   (identical values), so `forward_passes_per_test_image` is T + 1.
 - Covariance sampling uses one Cholesky factor per class per alignment run instead of re-factorising every
   epoch: the same distribution.
+
+Speed (issue 10, docs/speed.md): `batched_eval: true` (default) runs the T adapter sets of a test batch in ONE
+backbone pass: the batch is repeated T times along dim 0 and each block's adapter slot holds a `StackedAdapters`
+that applies set k to chunk k with batched matmuls; the frozen trunk sees one T*B batch instead of T batches of B.
+The reference pull keeps its semantics: before every block, every set k >= 1 is pulled exactly as in the
+sequential path (same arithmetic, same order per set), so the stored sets end bitwise the same and the scores
+equal the sequential path's up to matmul rounding (tested). `batched_eval: false` is the sequential path.
 """
 from __future__ import annotations
 
@@ -55,12 +62,13 @@ class MOS(Strategy):
                  reg: float = 0.1, adapter_momentum: float = 0.1, pull: str = "reference", ensemble: bool = True,
                  crct_epochs: int = 30, ca_lr: float = 0.005, ca_weight_decay: float = 5e-4,
                  ca_samples_factor: int = 5, ca_storage: str = "covariance", max_refine: int = 4,
-                 orth_temperature: float = 0.8, eval_batch_size: int = 128, **hparams):
+                 orth_temperature: float = 0.8, eval_batch_size: int = 128, batched_eval: bool = True,
+                 **hparams):
         super().__init__(ffn_num=ffn_num, adapter_scale=adapter_scale, adapter_dropout=adapter_dropout, reg=reg,
                          adapter_momentum=adapter_momentum, pull=pull, ensemble=ensemble, crct_epochs=crct_epochs,
                          ca_lr=ca_lr, ca_weight_decay=ca_weight_decay, ca_samples_factor=ca_samples_factor,
                          ca_storage=ca_storage, max_refine=max_refine, orth_temperature=orth_temperature,
-                         eval_batch_size=eval_batch_size, **hparams)
+                         eval_batch_size=eval_batch_size, batched_eval=batched_eval, **hparams)
         if pull not in PULL_MODES:
             raise ValueError(f"mos.pull must be one of {PULL_MODES}, got {pull!r}")
         if ca_storage not in ("covariance", "variance"):
@@ -115,8 +123,12 @@ class MOS(Strategy):
             offset += n
 
     def _reference_pull_hook(self, module, args) -> None:
-        if self.h["pull"] == "reference" and self._pull_target is not None:
+        if self.h["pull"] != "reference":
+            return
+        if self._pull_target is not None:
             self.pull(self._pull_target, self._pull_index)
+        for index, adapters in getattr(self, "_pull_batch", ()):  # batched evaluation: every set k >= 1
+            self.pull(adapters, index)
 
     def features(self, x: torch.Tensor, k: int | None = None, pulling: bool = False) -> torch.Tensor:
         """CLS features with adapter set k (None: the current, trainable set); `pulling` enables the
@@ -239,10 +251,28 @@ class MOS(Strategy):
     def forward_passes_per_test_image(self) -> int:  # type: ignore[override]
         return max(1, len(self.adapter_list))
 
+    def features_all_sets(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Features of `x` under every stored set in one backbone pass over a [T * B] batch (see module doc);
+        the reference pulls of sets k >= 1 run before every block, as in T calls of `features(x, k, True)`."""
+        n_sets, b = len(self.adapter_list), x.shape[0]
+        depth = len(self.blocks)
+        stacked = [StackedAdapters([self.adapter_list[k][j] for k in range(n_sets)]) for j in range(depth)]
+        peft.set_mlp_adapters(self.backbone.model, stacked)
+        self._pull_batch = [(k, self.adapter_list[k]) for k in range(1, n_sets)]  # a plain list, not a submodule
+        try:
+            out = self.backbone(x.repeat(n_sets, *([1] * (x.dim() - 1))))
+        finally:
+            self._pull_batch = []
+            peft.set_mlp_adapters(self.backbone.model, list(self.cur_adapter))
+        return list(out.split(b))
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, task_id=None) -> torch.Tensor:
         n_sets = len(self.adapter_list)
-        feats = [self.features(x, k=k, pulling=True).float() for k in range(n_sets)]
+        if self.h["batched_eval"] and n_sets > 1:
+            feats = [f.float() for f in self.features_all_sets(x)]
+        else:
+            feats = [self.features(x, k=k, pulling=True).float() for k in range(n_sets)]
         unseen = ~self.seen_mask
         orig = self.proto_head(feats[0]).masked_fill(unseen, float("-inf"))
         all_logits = torch.stack([self.head(f).float() for f in feats]).masked_fill(unseen, float("-inf"))
@@ -277,3 +307,29 @@ class MOS(Strategy):
             self.adapter_list.append(copy.deepcopy(self.cur_adapter).requires_grad_(False))
         self.adapter_sums = torch.zeros_like(state["adapter_sums"])
         return super().load_state_dict(state, strict=strict)
+
+
+class StackedAdapters(nn.Module):
+    """T AdaptFormer adapters of one block applied to T chunks of a [T * B, ...] batch: chunk k through adapter
+    k, as batched matmuls over stacked weights (read at call time, so in-place pulls before the block count).
+    Inference only (dropout is the identity in eval mode; a LayerNorm-in or learnable-scale adapter is run per
+    chunk)."""
+
+    def __init__(self, adapters: list[nn.Module]):
+        super().__init__()
+        self.adapters = list(adapters)  # not registered: the sets stay owned by MOS.adapter_list
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ads = self.adapters
+        t = len(ads)
+        if any(a.ln is not None or isinstance(a.scale, nn.Parameter) or a.training for a in ads):
+            return torch.cat([a(c) for a, c in zip(ads, x.chunk(t))])
+        shape = x.shape
+        h = x.reshape(t, -1, shape[-1])
+        wd = torch.stack([a.down.weight for a in ads]).to(h.dtype)     # [T, r, D]
+        bd = torch.stack([a.down.bias for a in ads]).to(h.dtype)       # [T, r]
+        wu = torch.stack([a.up.weight for a in ads]).to(h.dtype)       # [T, D, r]
+        bu = torch.stack([a.up.bias for a in ads]).to(h.dtype)         # [T, D]
+        z = ads[0].act(torch.baddbmm(bd[:, None], h, wd.transpose(1, 2)))
+        y = torch.baddbmm(bu[:, None], z, wu.transpose(1, 2))
+        return (y * ads[0].scale).reshape(shape)
