@@ -214,10 +214,12 @@ class GSLoRA(Strategy):
 
     def get_extra_state(self) -> dict:
         cycle = getattr(self, "_forget", None)
-        return {"request_log": self.request_log, "forget_cycle": cycle.state() if cycle is not None else None}
+        return {"request_log": self.request_log, "forget_cycle": cycle.state() if cycle is not None else None,
+                "step": self._step}
 
     def set_extra_state(self, state: dict) -> None:
         self.request_log = list(state.get("request_log", []))
+        self._step = int(state.get("step", 0))  # steps into the request: when the next validation falls
         cycle_state = state.get("forget_cycle")
         if cycle_state is not None and getattr(self, "_forget", None) is not None:
             self._forget.load(cycle_state)

@@ -204,3 +204,38 @@ def test_prototype_term_pushes_forget_embeddings_from_their_prototype():
         emb = s.backbone(to_model_input(torch.stack(xs), 32, 3, "cpu"))
     for c in (0, 4):
         torch.testing.assert_close(s.prototypes[c], emb[ys == c].mean(0), atol=1e-4, rtol=1e-4)
+
+
+def test_interrupted_request_resumes_with_the_same_forget_batches(compose, run_quiet, monkeypatch, tmp_path):
+    """SIGTERM inside request 0, then the same command: same accuracy matrix and weights as an unbroken run (the
+    forget cycle's generator and position are in the partial checkpoint)."""
+    import os
+    import signal
+
+    from cl import trainer as trainer_module
+    from cl.errors import RunInterrupted
+
+    over = ["strategy=gs_lora", "scenario=synthetic-forget", "debug=fast", "trainer.limit_train_batches=3"]
+    path_a, _ = run_quiet(compose(*over, f"results_root={tmp_path / 'a'}"))
+    cfg = compose(*over, f"results_root={tmp_path / 'b'}")
+    original, calls = trainer_module.Trainer._task_ids, {"n": 0}
+
+    def sending(self, *args, **kwargs):  # called once per training batch, before the step
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer_module.Trainer, "_task_ids", sending)
+        with pytest.raises(RunInterrupted):
+            run_quiet(cfg)
+    path_b, lines = run_quiet(cfg)
+    assert any("inside experience" in line for line in lines)
+    a, b = json.loads(path_a.read_text()), json.loads(path_b.read_text())
+    assert b["status"] == "finished" and b["acc_matrix"] == a["acc_matrix"]
+    ckpt = lambda p: torch.load(sorted((p.parent / "checkpoints").glob("*.pt"))[-1], weights_only=False)["strategy"]
+    sa, sb = ckpt(path_a), ckpt(path_b)
+    for k in sa:
+        if torch.is_tensor(sa[k]):
+            assert torch.equal(sa[k], sb[k]), k
