@@ -203,9 +203,24 @@ def _cifar_c(cfg: dict, data_root: Path) -> Stream:
                 x, y = x[keep], y[keep]
             loaded[name, sev] = TensorDataset(x, y)
         tests.append(loaded[name, sev])
-    return _stream(cfg, domains, tests, TensorDataset(torch.empty(0, 3, 32, 32, dtype=torch.uint8),
-                                                      torch.empty(0, dtype=torch.long)),
-                   n_classes, (3, 32, 32), "released")
+    train = _declared_source(cfg, data_root) or TensorDataset(torch.empty(0, 3, 32, 32, dtype=torch.uint8),
+                                                              torch.empty(0, dtype=torch.long))
+    return _stream(cfg, domains, tests, train, n_classes, (3, 32, 32), "released",
+                   source_data=(cfg.get("source_data") or {}).get("dataset"))
+
+
+def _declared_source(cfg: dict, data_root: Path):
+    """`scenario.source_data: {dataset: cifar10, ...}`: that registered dataset's clean TRAIN split, offered as
+    every experience's `train` (the declared source data of EcoTTA's warm-up and PSMT's Fisher); None if unset."""
+    src = dict(cfg.get("source_data") or {})
+    if not src:
+        return None
+    if "dataset" not in src:
+        raise ConfigError("scenario.source_data needs a dataset (a registered clean dataset, e.g. {dataset: cifar10})")
+    import scenarios  # noqa: F401  (registers the datasets)
+    from scenarios.registry import get_loader
+
+    return get_loader(src["dataset"])(src, data_root).train
 
 
 def _imagenet_c(cfg: dict, data_root: Path) -> Stream:
@@ -220,8 +235,10 @@ def _imagenet_c(cfg: dict, data_root: Path) -> Stream:
             t = Subset(t, _limit(t.targets, cfg["limit_per_class"], t.n_classes).tolist())
         loaded[name, sev] = t
     tests = [loaded[d] for d in domains]
-    empty = TensorDataset(torch.empty(0, 3, 224, 224, dtype=torch.uint8), torch.empty(0, dtype=torch.long))
-    return _stream(cfg, domains, tests, empty, 1000, (3, 224, 224), "released",
+    train = _declared_source(cfg, data_root) or TensorDataset(torch.empty(0, 3, 224, 224, dtype=torch.uint8),
+                                                              torch.empty(0, dtype=torch.long))
+    return _stream(cfg, domains, tests, train, 1000, (3, 224, 224), "released",
+                   source_data=(cfg.get("source_data") or {}).get("dataset"),
                    preprocess=str(cfg.get("preprocess", "none")), image_ids="robustbench-5000" if n and int(n) <= 5000 else "all")
 
 

@@ -100,3 +100,57 @@ def test_presets_compose_and_missing_data_lists_the_tree(compose, tmp_path, name
     with pytest.raises(ConfigError, match="missing") as err:
         build_tta(cfg["scenario"], tmp_path)
     assert tree in str(err.value)
+
+
+def test_declared_source_data_is_every_experience_train(tmp_path):
+    """scenario.source_data names a registered clean dataset whose TRAIN split EcoTTA/PSMT may use."""
+    import numpy as np
+    from torch.utils.data import TensorDataset
+
+    from scenarios.registry import DATASETS, LoadedData
+
+    clean = TensorDataset(torch.zeros(6, 3, 32, 32, dtype=torch.uint8), torch.arange(6) % 2)
+    DATASETS["tta-test-clean"] = lambda cfg, root: LoadedData(clean, clean)
+    try:
+        folder = tmp_path / "CIFAR-10-C"
+        folder.mkdir()
+        np.lib.format.open_memmap(folder / "fog.npy", mode="w+", dtype=np.uint8, shape=(10000, 32, 32, 3)).flush()
+        np.save(folder / "labels.npy", np.zeros(10000, dtype=np.int64))
+        cfg = {"dataset": "cifar10-c", "corruptions": ["fog", "fog"], "severity": 1, "n_examples": 4}
+        assert len(build_tta(cfg, tmp_path)[0].train) == 0  # none declared
+        s = build_tta({**cfg, "source_data": {"dataset": "tta-test-clean"}}, tmp_path)
+        assert all(e.train is clean for e in s) and s.info.extra["source_data"] == "tta-test-clean"
+    finally:
+        DATASETS.pop("tta-test-clean")
+
+
+def test_ecotta_preset_runs_end_to_end_on_tiny_files(compose, run_quiet, tmp_path):
+    """experiment=ecotta_cifar10c through the trainer: released-layout CIFAR-10-C file, declared clean source
+    data, the RobustBench WRN-28 (width 1, random init: no checkpoint here), K=5 meta networks, warm-up."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from torch.utils.data import TensorDataset
+
+    from scenarios.registry import DATASETS, LoadedData
+
+    g = torch.Generator().manual_seed(0)
+    clean = TensorDataset(torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(20) % 10)
+    DATASETS["tta-test-clean"] = lambda cfg, root: LoadedData(clean, clean)
+    try:
+        folder = tmp_path / "CIFAR-10-C"
+        folder.mkdir()
+        np.lib.format.open_memmap(folder / "fog.npy", mode="w+", dtype=np.uint8, shape=(10000, 32, 32, 3))[:20] = 128
+        np.save(folder / "labels.npy", np.arange(10000, dtype=np.int64) % 10)
+        cfg = compose("experiment=ecotta_cifar10c", f"data_root={tmp_path}", "backbone.widen_factor=1",
+                      "backbone.pretrained=false", "scenario.corruptions=[fog]", "scenario.severity=1",
+                      "scenario.n_examples=20", "scenario.source_data.dataset=tta-test-clean",
+                      "strategy.warmup_epochs=1", "strategy.warmup_batch_size=10", "trainer.batch_size=10")
+        path, _ = run_quiet(cfg)
+    finally:
+        DATASETS.pop("tta-test-clean")
+    result = json.loads(Path(path).read_text())
+    assert list(result["metrics"]["error_per_domain"]) == ["fog_1"]
+    cost = result["costs"]["per_experience"][0]
+    assert cost["batches"] == 2 and cost["warmup_s"] > 0 and cost["saved_for_backward_mb"] > 0
