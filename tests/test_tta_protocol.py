@@ -82,6 +82,9 @@ PRESETS = {"cotta_cifar10c": ("cifar10-c", "wrn28-10-standard", "CIFAR-10-C/gaus
            "tent_cifar10c": ("cifar10-c", "wrn28-10-standard", "CIFAR-10-C/labels.npy", 200),
            "tent_imagenetc": ("imagenet-c", "resnet50-standard", "ImageNet-C/<corruption>", 64),
            "source_cifar10c": ("cifar10-c", "wrn28-10-standard", "CIFAR-10-C/", 200),
+           "tent_cifar100c": ("cifar100-c", "resnext29-augmix", "CIFAR-100-C/labels.npy", 200),
+           "source_cifar100c": ("cifar100-c", "resnext29-augmix", "CIFAR-100-C/", 200),
+           "source_imagenetc": ("imagenet-c", "resnet50-standard", "ImageNet-C/<corruption>", 64),
            "ecotta_cifar10c": ("cifar10-c", "wrn28-10-standard", "CIFAR-10-C/", 64)}
 
 
