@@ -14,8 +14,8 @@ loads with `strict=True`. Normalisation is the `Backbone`'s (`normalize: none|in
 a checkpoint are checked against it and dropped.
 
 Each model exposes `stem(x)`, `blocks()` (its residual blocks in order) and `head(x)`, and `ecotta_partitions`
-(blocks per part for K = 4 / 5 meta networks; WRN-28 and ResNet-50 from the EcoTTA authors' sample code as
-ported in Lily-Le/EcoTTA, WRN-40 from the sample itself). One departure: the final pooling is adaptive, equal
+(blocks per part for K = 4 / 5 meta networks: WRN-40 from the EcoTTA authors' sample code; WRN-28 and
+ResNet-50 from Lily-Le/EcoTTA's ports of it, which cite the paper's Table 13; not checked against the table). One departure: the final pooling is adaptive, equal
 to the reference's `avg_pool2d(8)` at 32 px, so the CIFAR models also run at test size (16 px).
 
 Weights: `<model_dir>/<cifar10|cifar100|imagenet>/corruptions/<Name>.pt` (RobustBench's layout, read by

@@ -2,9 +2,10 @@
 frozen source network. There is no official full code (patented); the authors' Colab sample, preserved as
 Lily-Le/EcoTTA `ecotta_sample_code.py`, fixes the architecture; the paper fixes the losses and settings.
 
-    split the source encoder into K parts f_k of consecutive residual blocks (`num_parts`, the paper's Table 13
-        splits as in the sample code: WRN-28 K=5 [2,2,2,2,4], K=4 [2,2,4,4]; WRN-40 [3,3,3,3,6] / [3,3,6,6];
-        ResNet-50 [2,2,4,4,4] / [3,3,5,5]); stem and head (final BN, pool, classifier) stay frozen outside the parts
+    split the source encoder into K parts f_k of consecutive residual blocks (`num_parts`; WRN-40 K=5
+        [3,3,3,3,6], K=4 [3,3,6,6] from the sample code; WRN-28 [2,2,2,2,4] / [2,2,4,4] and ResNet-50
+        [2,2,4,4,4] / [3,3,5,5] from Lily-Le's ports, which cite the paper's Table 13); stem and head (final BN,
+        pool, classifier) stay frozen outside the parts
     meta network per part: x̃_k = meta_bn(f_k(x̃_{k-1})) + conv_block(x̃_{k-1})
         conv_block = ONE 3x3 conv (stride = the part's downsampling, channels in -> out of the part), BN, ReLU
     original network frozen (its BN keeps the source statistics); only meta networks train
@@ -125,7 +126,8 @@ class _PackedL1(torch.autograd.Function):
 
 class PackedReLUs(torch.overrides.TorchFunctionMode):
     """Inside it, every ReLU (F.relu, nn.ReLU, torch.relu, inplace or not) on a tensor that needs a gradient runs
-    as `_PackedReLU` (the frozen original's ReLUs: their parts are fixed code of any architecture)."""
+    as `_PackedReLU`, whatever the architecture's code. An inplace ReLU becomes out of place: models must use the
+    returned tensor (RobustBench's and torchvision's do)."""
 
     RELUS = (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
 

@@ -78,7 +78,7 @@ def test_resnet50_reads_normalize_model_wrapped_checkpoint(tmp_path):
 
 
 def test_ecotta_parts_follow_the_reference_partition_and_meta_block():
-    """K=5 on WRN-28: [2, 2, 2, 2, 4] blocks per part (EcoTTA Table 13 via the authors' sample code); each meta
+    """K=5 on WRN-28: [2, 2, 2, 2, 4] blocks per part (Lily-Le/EcoTTA wideresnet28.py, citing Table 13); each meta
     network is ONE strided 3x3 conv -> BN -> ReLU on the part's input plus a BN on the part's output."""
     from strategies.ecotta import EcoTTA
 
