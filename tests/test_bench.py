@@ -16,3 +16,13 @@ def test_bench_cpu_subset_prints_ratios():
     assert len(lines) == 2 and all("ratio" in line for line in lines)
     assert lines[0].startswith("ceiling") and "images/s" in lines[0]
     assert lines[1].startswith("simplecil") and "s/experience" in lines[1] and "peak memory" in lines[1]
+
+
+def test_bench_mos_eval_times_both_paths():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    import torch
+    s = {**bench.CPU, "classes": 4, "train": 2, "test": 1, "tasks": 2}
+    seq, bat, n_sets = bench.mos_eval(s, torch.device("cpu"), repeats=1)
+    assert n_sets == 2 and seq > 0 and bat > 0
