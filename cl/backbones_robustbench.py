@@ -4,6 +4,7 @@ CTTA adapts a source CLASSIFIER (logits out, `backbone.is_classifier`), trained 
 RobustBench's `corruptions` model zoo:
 
     cifar10  `Standard`                    WRN-28-10 (pre-activation WideResNet, TRADES layout), no normalisation
+    cifar100 `Hendrycks2020AugMix_WRN`     WRN-40-2 AugMix (EcoTTA's CIFAR100-C model), mean/std 0.5 inside
     cifar100 `Hendrycks2020AugMix_ResNeXt` ResNeXt-29 32x4d (CifarResNeXt), mean/std 0.5 inside the model
     imagenet `Standard_R50`                torchvision ResNet-50 (IMAGENET1K_V1 weights), ImageNet mean/std
 
@@ -205,6 +206,7 @@ def _resnet50(num_classes: int = 1000) -> nn.Module:
 # name -> (dataset folder, builder(cfg), normalize, n_classes, input size)
 ARCHS = {
     "wrn-28-10": lambda c: WideResNet(int(c.get("depth", 28)), int(c.get("widen_factor", 10)), int(c["n_classes"])),
+    "wrn-40-2": lambda c: WideResNet(int(c.get("depth", 40)), int(c.get("widen_factor", 2)), int(c["n_classes"])),
     "resnext-29-32x4d": lambda c: CifarResNeXt(int(c.get("depth", 29)), int(c.get("cardinality", 4)),
                                                int(c.get("base_width", 32)), int(c["n_classes"])),
     "resnet50": lambda c: _resnet50(int(c["n_classes"])),
@@ -241,8 +243,8 @@ def load_checked(model: nn.Module, state: dict, arch: str, where: str) -> None:
         detail = "; ".join(f"{label} {len(keys)} (e.g. {keys[0]})" for label, keys in
                            (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
         raise BackboneError(f"{where} does not match architecture '{arch}' ({detail}): pick the backbone config "
-                            f"made for this checkpoint (configs/backbone/wrn28-10-standard.yaml, resnext29-augmix.yaml, "
-                            f"resnet50-standard.yaml) or the checkpoint made for '{arch}'")
+                            f"made for this checkpoint (configs/backbone/wrn28-10-standard.yaml, wrn40-2-augmix.yaml, "
+                            f"resnext29-augmix.yaml, resnet50-standard.yaml) or the checkpoint made for '{arch}'")
     model.load_state_dict(state, strict=True)
 
 

@@ -85,7 +85,8 @@ PRESETS = {"cotta_cifar10c": ("cifar10-c", "wrn28-10-standard", "CIFAR-10-C/gaus
            "tent_cifar100c": ("cifar100-c", "resnext29-augmix", "CIFAR-100-C/labels.npy", 200),
            "source_cifar100c": ("cifar100-c", "resnext29-augmix", "CIFAR-100-C/", 200),
            "source_imagenetc": ("imagenet-c", "resnet50-standard", "ImageNet-C/<corruption>", 64),
-           "ecotta_cifar10c": ("cifar10-c", "wrn28-10-standard", "CIFAR-10-C/", 64)}
+           "ecotta_cifar10c": ("cifar10-c", "wrn28-10-standard", "CIFAR-10-C/", 64),
+           "ecotta_cifar100c": ("cifar100-c", "wrn40-2-augmix", "CIFAR-100-C/", 64)}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -90,6 +90,10 @@ def test_ecotta_parts_follow_the_reference_partition_and_meta_block():
     convs = [(p.conv.in_channels, p.conv.out_channels, p.conv.stride[0], p.conv.kernel_size) for p in e.net.parts]
     assert convs == [(16, 16, 1, (3, 3)), (16, 16, 1, (3, 3)), (16, 32, 2, (3, 3)), (32, 32, 1, (3, 3)),
                      (32, 64, 2, (3, 3))]
+    e40 = EcoTTA(num_parts=4)  # WRN-40-2 AugMix, the authors' sample code's model: K=4 [3, 3, 6, 6]
+    e40.setup(_build("wrn-40-2", n_classes=100, normalize="inception"),
+              StreamInfo(name="t", kind="tta", n_classes=100, n_experiences=1, class_order=list(range(100))))
+    assert e40.net.partition == [3, 3, 6, 6] and len(e40.backbone.model.blocks()) == 18
     for p in e.net.parts:  # nothing else in a meta network
         assert sum(1 for m in p.modules() if m is not p and m is not p.original and not _inside(m, p.original)) == 3
 
