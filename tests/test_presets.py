@@ -7,7 +7,9 @@ import pytest
 from cl.cli import compose_config
 
 PRESETS = sorted(p.stem for p in (Path(__file__).parent.parent / "configs" / "experiment").glob("*.yaml"))
-METRIC_KEYS = {"avg_incremental_acc", "last_acc", "forgetting", "bwt", "mean_error"}  # mean_error: tta presets
+METRIC_KEYS = {"avg_incremental_acc", "last_acc", "forgetting", "bwt",
+               "mean_error",  # tta presets
+               "transfer", "average", "last"}  # union_label (X-TAIL) presets
 FROM_SCRATCH = {"sparcl", "derpp"}  # their papers train ResNet-18 from scratch: no pre-trained backbone
 
 
