@@ -23,11 +23,13 @@ def require_clip(backbone, strategy: str) -> None:
 
 
 def class_prompts(info) -> list[str]:
-    """One prompt per global class id, from `StreamInfo.class_names` and the scenario's template."""
+    """One prompt per global class id, from `StreamInfo.class_names` and each class's dataset template
+    (`extra["prompt_templates"]`, else the scenario's single `prompt_template`)."""
     if not info.class_names or len(info.class_names) != info.n_classes:
         raise ConfigError("a union_label stream needs one class name per class (scenario datasets' class_names)")
-    template = (info.extra or {}).get("prompt_template", "a photo of a {}.")
-    return [template.format(name) for name in info.class_names]
+    extra = info.extra or {}
+    templates = extra.get("prompt_templates") or [extra.get("prompt_template", "a photo of a {}.")] * info.n_classes
+    return [template.format(name) for template, name in zip(templates, info.class_names)]
 
 
 def encode_prompts(backbone, prompts: list[str], chunk: int = 256) -> torch.Tensor:
