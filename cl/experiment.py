@@ -463,9 +463,10 @@ def _print_summary(result: Mapping[str, Any], out=print) -> None:
     m = result["metrics"]
     costs = result["costs"]
     paper = result.get("paper") or {}
-    for key in ("avg_incremental_acc", "last_acc", "forgetting", "transfer", "average", "last"):
-        if key in paper and key in m:
-            out(f"{key}: measured {m[key]:.2f}  paper {paper[key]:.2f}")
+    for key, published in paper.items():  # every paper figure the run measured too, under the same key
+        measured = m.get(key)
+        if isinstance(published, (int, float)) and isinstance(measured, (int, float)):
+            out(f"{key}: measured {measured:.2f}  paper {published:.2f}")
     if "h_mean" in m:  # continual forgetting (scenarios/forgetting.py)
         out(f"original acc {m['acc_original']:.2f}  retained acc {m['acc_retain']:.2f}  forgotten acc "
             f"{m['acc_forget']:.2f}  H {m['h_mean']:.2f}  wall {costs['total_wall_s']:.1f}s")

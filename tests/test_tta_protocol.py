@@ -151,10 +151,12 @@ def test_ecotta_preset_runs_end_to_end_on_tiny_files(compose, run_quiet, tmp_pat
                       "backbone.pretrained=false", "scenario.corruptions=[fog]", "scenario.severity=1",
                       "scenario.n_examples=20", "scenario.source_data.dataset=tta-test-clean",
                       "strategy.warmup_epochs=1", "strategy.warmup_batch_size=10", "trainer.batch_size=10")
-        path, _ = run_quiet(cfg)
+        path, lines = run_quiet(cfg)
     finally:
         DATASETS.pop("tta-test-clean")
     result = json.loads(Path(path).read_text())
     assert list(result["metrics"]["error_per_domain"]) == ["fog_1"]
+    paper = result["paper"]["mean_error"]
+    assert any(line.startswith("mean_error: measured") and f"paper {paper:.2f}" in line for line in lines)
     cost = result["costs"]["per_experience"][0]
     assert cost["batches"] == 2 and cost["warmup_s"] > 0 and cost["saved_for_backward_mb"] > 0
