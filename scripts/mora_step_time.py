@@ -28,8 +28,8 @@ def _build(tasks: int, rank: int, plain: bool = False, experts: bool = True):
     from cl.cli import compose_config
     from strategies import mora as mora_mod
 
-    cfg = compose_config(["strategy=mora", "scenario=synthetic-xtail", "scenario.limit_per_class=2",
-                          "trainer.device=cpu", f"strategy.rank={rank}", f"strategy.topk={rank}"])
+    cfg = compose_config(["strategy=mora", "scenario=synthetic-xtail", "backbone=clip-tiny",  # timing: random weights
+                          "scenario.limit_per_class=2", "trainer.device=cpu", f"strategy.rank={rank}", f"strategy.topk={rank}"])
     stream = scenarios.build(cfg["scenario"])
     torch.manual_seed(0)
     s = strategies.build(cfg["strategy"], build(cfg["backbone"]), stream.info)
