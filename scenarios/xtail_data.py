@@ -17,10 +17,12 @@ of the train split while testing on the whole test split. Layout under `<data_ro
     stanford_cars/              <paths as listed>, split_zhou_StanfordCars.json
     SUN397/                     <paths as listed>, split_zhou_SUN397.json
 
-A `split_zhou_*.json` (CoOp's split files) holds {"train": [[path, label, classname], ...], "val": ..., "test": ...}
-with paths relative to the image folder. Departures: the 16 shots are drawn with numpy's seeded generator (the
-reference uses Python's `random` under seed 42), and the images go through clbench's eval transform (bicubic resize
-to size*256/224, centre crop) rather than CLIP's own preprocess (resize to size, centre crop).
+The folder names are MoRAM's; some may differ from those of CoOp's DATASETS.md (e.g. its caltech-101,
+oxford_flowers, oxford_pets, fgvc_aircraft, sun397): rename or link them. A `split_zhou_*.json` (CoOp's split files)
+holds {"train": [[path, label, classname], ...], "val": ..., "test": ...} with paths relative to the image folder.
+Departures: the 16 shots are drawn with numpy's seeded generator (the reference uses Python's `random` under seed
+42), and the images go through clbench's eval transform (bicubic resize to size*256/224, centre crop) rather than
+CLIP's own preprocess (resize to size, centre crop).
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ class XTailDataset:
 
 DATASETS = {d.name: d for d in (
     XTailDataset("aircraft", "fgvc-aircraft-2013b/data", "images", None, "a photo of a {}, a type of aircraft."),
-    XTailDataset("caltech101", "caltech101", "101_ObjectCategories", "split_zhou_Caltech101.json", "a photo of a {}."),
+    XTailDataset("caltech101", "caltech101", "101_ObjectCategories", "split_zhou_Caltech101.json",
+                 "a photo of a {}."),
     XTailDataset("dtd", "dtd", "images", "split_zhou_DescribableTextures.json", "{} texture."),
     XTailDataset("eurosat", "eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of the {}.",
                  name_suffix=" satellite location"),
@@ -140,7 +143,8 @@ def _mnist_split(spec: XTailDataset, base: Path) -> tuple[Split, Split, list[str
             name = f"{part}-{kind}-ubyte"
             path = base / name if (base / name).is_file() else base / f"{name}.gz"
             if not path.is_file():
-                raise DatasetError(f"X-TAIL dataset 'mnist': {base / name} not found; {spec.layout(base.parent.parent)}")
+                root = base.parent.parent
+                raise DatasetError(f"X-TAIL dataset 'mnist': {base / name} not found; {spec.layout(root)}")
             found[kind] = _idx(path)
         images = found["images-idx3"][:, None]  # [N, 1, 28, 28]; the model input repeats the channel
         out.append(Split(None, found["labels-idx1"].astype(np.int64), images))
