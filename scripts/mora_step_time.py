@@ -7,6 +7,13 @@ Variants, each on clip-tiny (both towers, 9 class prompts, a batch of 32 px imag
   lora      the same experts with routing off (w = 1: a plain rank-R LoRA), forward + backward + AdamW step
   mora      MoRA's self-activated routing (normalise, top-k, softmax; threshold off while training), same step
 and the evaluation forward (predict, threshold on) for none / mora. R = rank x tasks experts per layer.
+
+    .venv/bin/python scripts/mora_step_time.py --layer [--tokens 1576] [--threads 1]
+
+times ONE adapted Linear at ViT-B/16's widths instead (768 -> 768 as q/k/v/out, 768 -> 3072 as FFN in; tokens =
+batch 8 x 197 by default), random weights: the frozen Linear against MoRA's layer, in training (forward + backward
+to the input, plus A/B for mora, as in a middle layer) and in evaluation (forward, threshold on), so the expert
+overhead at the paper's width needs no CLIP weights.
 """
 from __future__ import annotations
 
@@ -63,14 +70,60 @@ def _time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def layer_times(tokens: int, rank: int, tasks_list, reps: int) -> None:
+    """One Linear at ViT-B/16 widths: frozen Linear vs RankOneExperts (R = rank x tasks), train and eval."""
+    from torch import nn
+
+    from strategies.mora import RankOneExperts
+
+    torch.manual_seed(0)
+    for d_in, d_out, what in ((768, 768, "q/k/v/out 768->768"), (768, 3072, "FFN in 768->3072")):
+        x = torch.randn(tokens, d_in)
+        base = nn.Linear(d_in, d_out).requires_grad_(False)
+        xg = x.clone().requires_grad_(True)  # a middle layer: training also needs the input gradient
+
+        def frozen_train():
+            xg.grad = None
+            base(xg).sum().backward()
+
+        plain, plain_train = _time(lambda: base(x), reps), _time(frozen_train, reps)
+        for tasks in tasks_list:
+            layer = RankOneExperts(base, topk=rank, temperature=0.01, threshold=0.2)
+            for _ in range(tasks):
+                layer.add_task(rank)
+                with torch.no_grad():
+                    layer.B.normal_(std=0.02)
+
+            def train():
+                layer.train()
+                xg.grad = layer.A.grad = layer.B.grad = None
+                layer(xg).sum().backward()
+
+            def evaluate():
+                layer.eval()
+                with torch.no_grad():
+                    layer(x)
+
+            t_train, t_eval = _time(train, reps), _time(evaluate, reps)
+            print(f"{what}, tokens {tokens}, R={tasks * rank}: train fwd+bwd frozen {plain_train * 1e3:.1f} ms, "
+                  f"mora {t_train * 1e3:.1f} ms ({t_train / plain_train:.2f}x); eval frozen {plain * 1e3:.1f} ms, "
+                  f"mora {t_eval * 1e3:.1f} ms ({t_eval / plain:.2f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--tasks", type=int, nargs="+", default=[1, 10])
+    ap.add_argument("--layer", action="store_true", help="one Linear at ViT-B/16 widths instead of clip-tiny")
+    ap.add_argument("--tokens", type=int, default=8 * 197)
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    if args.layer:
+        print(f"cpu threads {torch.get_num_threads()}, rank {args.rank}, median of {args.reps}")
+        return layer_times(args.tokens, args.rank, args.tasks, args.reps)
     from cl.strategy import Batch
 
     x = torch.rand(args.batch, 3, 32, 32)
