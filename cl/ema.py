@@ -115,7 +115,9 @@ class MeanTeacher(nn.Module):
     source: the restore target, same structure as `online`; default a copy of `online` at construction (CoTTA's
         source model). Only kept when restore_prob > 0 or given explicitly.
     generator: a `torch.Generator` on the tensors' device for the restore masks; None: the global RNG.
-    impl: "torch" | "ext" (see module doc); None: "ext" when the environment sets CLBENCH_OPS=ext, else "torch".
+    impl: "torch" | "ext" (see module doc); None: "ext" when the environment sets CLBENCH_OPS=ext and the tensors
+        and the toolchain allow it (else "torch"), "torch" without CLBENCH_OPS=ext. An explicit "ext" that cannot
+        run is an error.
     flat_online: re-home the online tensors into one flat buffer (None: when they are leaf tensors of one dtype
         and device; True: required, error otherwise; False: never).
     """
@@ -124,6 +126,7 @@ class MeanTeacher(nn.Module):
                  generator: torch.Generator | None = None, impl: str | None = None,
                  flat_online: bool | None = None):
         super().__init__()
+        from_env = impl is None
         impl = impl if impl is not None else ("ext" if os.environ.get("CLBENCH_OPS") == "ext" else "torch")
         if impl not in IMPLS:
             raise ValueError(f"MeanTeacher impl must be one of {IMPLS}, got {impl!r}")
@@ -153,6 +156,9 @@ class MeanTeacher(nn.Module):
         self.flat_online = bool(eligible if flat_online is None else flat_online)
         if self.flat_online:
             self._rehome_online()
+        if impl == "ext" and from_env and not (self.flat_online and self._online[0].dtype == torch.float32
+                                               and self._ext_builds()):
+            impl = self.impl = "torch"  # CLBENCH_OPS=ext is a preference: tensors or toolchain that cannot use it
         if impl == "ext" and not (self.flat_online and self._online[0].dtype == torch.float32):
             raise ValueError("MeanTeacher(impl='ext') needs float32 online tensors of one device that can be "
                              "flattened (distinct leaf tensors); use impl='torch' for others")
@@ -162,6 +168,11 @@ class MeanTeacher(nn.Module):
         if impl == "ext" and self.restore_prob > 0:
             dev = generator.device if generator is not None else "cpu"
             self._seed_base = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator, device=dev).item())
+
+    @staticmethod
+    def _ext_builds() -> bool:
+        from cl import ops
+        return ops.load_extension() is not None
 
     # --- flat storage --------------------------------------------------------------------------------
     def _store(self, kind: str, tensors: list[torch.Tensor]) -> None:

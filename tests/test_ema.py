@@ -261,3 +261,11 @@ def test_ext_impl_equals_the_reference_loop_and_the_shared_hash(ops_ext):
     twin.step()
     assert torch.equal(torch.cat([p.detach().flatten() for p in net.parameters()]),
                        torch.cat([p.detach().flatten() for p in twin_net.parameters()]))
+
+
+def test_clbench_ops_env_is_a_preference(monkeypatch):
+    monkeypatch.setenv("CLBENCH_OPS", "ext")
+    mixed = MeanTeacher([torch.randn(5), torch.randn(3, dtype=torch.float64)], decay=0.5)
+    assert mixed.impl == "torch"  # cannot use the kernel: falls back instead of failing
+    monkeypatch.delenv("CLBENCH_OPS")
+    assert MeanTeacher([torch.randn(5)], decay=0.5).impl == "torch"
