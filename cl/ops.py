@@ -63,6 +63,11 @@ def load_extension(verbose: bool = False):
     global _EXT, _EXT_ERROR
     if _EXT is not None or _EXT_ERROR is not None:
         return _EXT
+    try:  # registered already in this process (one library may register the namespace once)
+        _EXT = torch.ops.clbench.mean_teacher_update
+        return _EXT
+    except (AttributeError, RuntimeError):
+        pass
     try:
         from torch.utils.cpp_extension import load
         sources = [str(_CSRC / "mean_teacher.cpp")]

@@ -52,6 +52,8 @@ def ops_ext(tmp_path_factory):
         pytest.skip("ninja is not installed (pip install -e .[kernels]; the test extra has it)")
     if not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "c++", "g++", "clang++")):
         pytest.skip("no C++ compiler on PATH (install g++ or set CXX)")
+    if ops._EXT is not None:  # already loaded in this process (CLBENCH_OPS=ext): one operator library per process
+        return ops._EXT
     old = os.environ.get("CLBENCH_EXT_DIR")
     os.environ["CLBENCH_EXT_DIR"] = str(tmp_path_factory.mktemp("ext"))  # cold: nothing cached
     ops._EXT = ops._EXT_ERROR = None
