@@ -10,8 +10,10 @@ from typing import Iterable
 import pandas as pd
 
 KEYS = ["strategy", "scenario", "backbone"]
-# headline metric per scenario kind: tta shows mean error, forgetting kinds show H (their own KIND_METRICS)
-ACCURACY_METRICS = ["avg_incremental_acc", "last_acc", "forgetting", "mean_error", "h_mean"]
+# headline metric per scenario kind: tta shows mean error, forgetting kinds show H, union_label (X-TAIL) its
+# transfer / average / last (their own KIND_METRICS)
+ACCURACY_METRICS = ["avg_incremental_acc", "last_acc", "forgetting", "mean_error", "h_mean", "transfer", "average",
+                    "last"]
 COST_COLUMNS = ["total_wall_s", "train_images_per_s", "peak_memory_mb", "trainable_params"]
 
 

@@ -58,6 +58,15 @@ def test_kind_headline_metrics_mean_error_and_h():
     assert d.loc["tent", "mean_error"] == "35.00 ± 5.00" and d.loc["unl", "h_mean"] == "55.00"
 
 
+def test_union_label_metrics_and_their_paper_figures():
+    paper = {"source": "MoRAM", "transfer": 63.3, "average": 72.7, "last": 80.9}
+    xtail = {"transfer": 60.0, "average": 70.0, "last": 80.0}
+    t = summary_table([fake("mora", 0, 0, 0, kind_metrics=xtail, paper=paper)])
+    d = display_table(t).set_index("strategy")
+    assert (d.loc["mora", "transfer"], d.loc["mora", "average"], d.loc["mora", "last"]) == ("60.00", "70.00", "80.00")
+    assert d.loc["mora", "paper"] == "transfer 63.3; average 72.7; last 80.9"
+
+
 def test_accuracy_curves_are_seen_means_over_seeds():
     c = accuracy_curves([fake("a", 0, 40.0, 0), fake("a", 1, 60.0, 0)])
     assert c == {"a | s | b": [80.0, (60 + 40) / 2 / 2 + (60 + 60) / 2 / 2]}
