@@ -1,4 +1,4 @@
-"""MoRA (published as MoRAM): a self-activated sparse mixture of rank-1 experts on CLIP, for union-label streams.
+"""MoRA (published as MoRAM): a self-activated sparse mixture of rank-1 experts on CLIP (union-label) and text streams.
 
 Paper: "MoRA: Mixture of Rank-1 Experts ..." (arXiv 2506.21035, ICML'26 as MoRAM); reference code
 `Artificer-AI-Lab/MoRAM`, `XTAIL/loralib/moram.py` (the layer) and `XTAIL/models/moram.py` (training).
@@ -25,6 +25,14 @@ wd 0, cosine, batch 64. Differences from the reference code, on purpose:
   engine trains epochs with the trainer's AdamW (betas (0.9, 0.999)) and a per-epoch cosine.
 - k is also capped at R (torch.topk needs k <= R; the reference's r = topk never hits the cap).
 - TRACE's `lora_alpha / r` scaling of the newest B is not implemented (X-TAIL's scaling is 1).
+
+Text streams (`text` kind, strategies/mora_text.py), a departure from the paper's language setting:
+    the paper's language experiments are TRACE with LLMs (generation, next-token loss). Here the stream is the SLM
+    issue's text classification (scenarios/text.py): the same experts go on the language model's q/k/v/out and FFN
+    in/out Linears (found by name, `TEXT_TARGETS`), one new set per task, old ones frozen; on top sits `finetune`'s
+    text head: one Linear over all classes, trained (all rows) with CE over the classes seen so far (unseen ones at
+    -inf), no task id at test time. `strategy.encoders` does not apply (one tower). The X-TAIL defaults (r, top-k,
+    tau, delta, AdamW lr 5e-4) are kept; nothing else is tuned for text.
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ from torch import nn
 from cl.clip_heads import class_prompts, encode_prompts, require_clip
 from cl.errors import ConfigError
 from cl.strategy import Batch, Strategy
+from strategies.mora_text import add_text_experts
 
 TARGETS = ("q", "k", "v", "o", "ffn_in", "ffn_out")
 ENCODERS = ("vision", "text")
@@ -177,7 +186,7 @@ def add_experts(clip: nn.Module, encoders, targets, **routing) -> list[RankOneEx
 # --- the strategy ------------------------------------------------------------------------------------------
 class MoRA(Strategy):
     name = "mora"
-    supports = ("union_label",)
+    supports = ("union_label", "text")
 
     def __init__(self, rank: int = 16, topk: int = 16, temperature: float = 0.01, threshold: float = 0.2,
                  encoders=ENCODERS, targets=TARGETS, **hparams):
@@ -196,11 +205,16 @@ class MoRA(Strategy):
 
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)
+        self.register_buffer("tasks", torch.zeros((), dtype=torch.long))
+        if info.kind == "text":  # the language model's Linears, finetune's head (module docstring)
+            backbone.requires_grad_(False)
+            self.experts = add_text_experts(backbone, self.targets, lambda lin: RankOneExperts(lin, **self.routing))
+            self.head = nn.Linear(backbone.feature_dim, info.n_classes)
+            return
         require_clip(backbone, self.name)
         backbone.requires_grad_(False)
         self.experts = add_experts(backbone.clip, self.encoders, self.targets, **self.routing)
         self.prompts = class_prompts(info)
-        self.register_buffer("tasks", torch.zeros((), dtype=torch.long))
         self.seen_mask.fill_(True)  # X-TAIL: every class name of the union is a candidate from the start
 
     def begin_experience(self, exp):
@@ -208,6 +222,8 @@ class MoRA(Strategy):
             layer.add_task(self.rank)  # old experts frozen, r fresh ones trainable
         self.tasks += 1
         self._text_cache = None
+        if self.info.kind == "text":
+            return [p for layer in self.experts for p in (layer.A, layer.B)] + list(self.head.parameters())
         classes = torch.as_tensor(list(exp.classes))
         self.register_buffer("_current", classes, persistent=False)
         # y -> position among the current classes (labels are global ids of the union)
@@ -217,6 +233,8 @@ class MoRA(Strategy):
         return [p for layer in self.experts for p in (layer.A, layer.B)]
 
     def train_step(self, batch: Batch) -> torch.Tensor:
+        if self.info.kind == "text":  # finetune's loss: CE over the classes seen so far
+            return F.cross_entropy(self.mask_unseen(self.head(self.backbone(batch.x))), batch.y)
         self._text_cache = None
         device = batch.x.device
         image = F.normalize(self.backbone(batch.x).float(), dim=-1)
@@ -240,6 +258,8 @@ class MoRA(Strategy):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, task_id=None) -> torch.Tensor:
+        if self.info.kind == "text":
+            return self.head(self.backbone(x))
         image = F.normalize(self.backbone(x).float(), dim=-1)
         return self.backbone.logit_scale.float() * image @ self.class_embeddings().to(image.device).T
 
