@@ -1,4 +1,4 @@
-"""MoRA (published as MoRAM): a self-activated sparse mixture of rank-1 experts on CLIP (union-label) and text streams.
+"""MoRA (MoRAM): a self-activated sparse mixture of rank-1 experts, on CLIP (union-label) and on text streams.
 
 Paper: "MoRA: Mixture of Rank-1 Experts ..." (arXiv 2506.21035, ICML'26 as MoRAM); reference code
 `Artificer-AI-Lab/MoRAM`, `XTAIL/loralib/moram.py` (the layer) and `XTAIL/models/moram.py` (training).
@@ -32,7 +32,9 @@ Text streams (`text` kind, strategies/mora_text.py), a departure from the paper'
     in/out Linears (found by name, `TEXT_TARGETS`), one new set per task, old ones frozen; on top sits `finetune`'s
     text head: one Linear over all classes, trained (all rows) with CE over the classes seen so far (unseen ones at
     -inf), no task id at test time. `strategy.encoders` does not apply (one tower). The X-TAIL defaults (r, top-k,
-    tau, delta, AdamW lr 5e-4) are kept; nothing else is tuned for text.
+    tau, delta, AdamW lr 5e-4) are kept; nothing else is tuned for text. The reference's TRACE runner adapts
+    q/k/v/o_proj only (`strategy.targets=[q,k,v,o]` gives that) and scales the newest B by lora_alpha / r = 2
+    (not implemented, as above); the default here keeps X-TAIL's six targets, FFN included, as the issue asks.
 """
 from __future__ import annotations
 
