@@ -27,13 +27,14 @@ def test_avalanche_strategy_runs_end_to_end(name, compose, run_quiet):
 
 
 
-# Three epochs (for both sides): at one epoch of 2 mini-batches per experience nothing learns enough to compare.
-COMPARE = ("debug=fast", "trainer.epochs=3")
+# Five epochs (for both sides): at one epoch of 2 mini-batches per experience nothing learns enough to compare,
+# and at three the margins were within a few points of the bound (replay 28.1 vs finetune 19.4 on one machine).
+COMPARE = ("debug=fast", "trainer.epochs=5")
 
 
 @pytest.mark.parametrize("name", ["replay", "icarl", "gdumb"])
 def test_rehearsal_strategies_beat_finetune_on_digits(name, compose, run_quiet):
-    """Measured (this config): finetune 10.6, replay 30.6, gdumb 38.1, icarl 65.0 last accuracy."""
+    """Measured (this config, seed 1993): finetune 20.0, replay 62.5, gdumb 78.8, icarl 70.0 last accuracy."""
     finetune = _result(run_quiet(compose("strategy=finetune", *COMPARE))[0])["metrics"]["last_acc"]
     theirs = _result(run_quiet(compose(f"strategy=avalanche/{name}", *COMPARE))[0])["metrics"]["last_acc"]
     assert theirs >= finetune + 10, (name, theirs, finetune)
