@@ -36,7 +36,23 @@ from .backbones import NORMALIZATIONS, Backbone, file_digest, read_state_dict
 from .errors import BackboneError, ConfigError
 
 
+def _reference_init(model: nn.Module, linear_weight: bool = False) -> None:
+    """The RobustBench definitions' init: convs He normal on fan-out, BN weight 1 / bias 0, linear bias 0 (and the
+    linear weight He normal where the definition does so). Only matters without a checkpoint (tests, memory)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_weight:
+                nn.init.kaiming_normal_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 # --- WideResNet (RobustBench `Standard`, TRADES layout) --------------------------------------------------------
+
 class WRNBlock(nn.Module):
     """Pre-activation block: BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3, identity or 1x1 `convShortcut` on the
     activated input when the width or stride changes (then the activation is shared by both paths)."""
@@ -84,14 +100,7 @@ class WideResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(w[3])
         self.fc = nn.Linear(w[3], num_classes)
         self.ecotta_partitions = self.PARTITIONS.get(depth, {})
-        for m in self.modules():  # the reference's init (He normal on fan-out, BN 1/0, fc bias 0)
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        _reference_init(self)  # He normal on fan-out, BN 1/0, fc bias 0
 
     def stem(self, x):
         return self.conv1(x)
@@ -154,15 +163,7 @@ class CifarResNeXt(nn.Module):
         self.classifier = nn.Linear(cin, num_classes)
         # EcoTTA has no ResNeXt-29 setting; three blocks per part is the stage split (K=3), one per block K=9.
         self.ecotta_partitions = {3: [n, n, n], 9: [1] * (3 * n)}
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.kaiming_normal_(m.weight)
-                nn.init.zeros_(m.bias)
+        _reference_init(self, linear_weight=True)  # CifarResNeXt also draws its classifier He normal
 
     def stem(self, x):
         return F.relu(self.bn_1(self.conv_1_3x3(x)))

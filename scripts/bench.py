@@ -53,8 +53,9 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def ceilings(backbone_cfg: dict, batch: int, steps: int, device: torch.device) -> tuple[float, float]:
-    """(adapter-step images/s, no-grad forward images/s) on random device-resident inputs."""
+def _adapter_step_parts(backbone_cfg: dict, batch: int, device: torch.device):
+    """The ceiling's pieces: frozen backbone with AdaptFormer adapters (bottleneck 16), a 200-way head, SGD over
+    adapters + head, and one random device-resident batch."""
     from cl import backbones, peft
 
     bb = backbones.build(backbone_cfg).to(device)
@@ -67,6 +68,12 @@ def ceilings(backbone_cfg: dict, batch: int, steps: int, device: torch.device) -
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     x = torch.rand(batch, bb.in_chans, bb.input_size, bb.input_size, device=device)
     y = torch.randint(0, 200, (batch,), device=device)
+    return bb, head, opt, x, y
+
+
+def ceilings(backbone_cfg: dict, batch: int, steps: int, device: torch.device) -> tuple[float, float]:
+    """(adapter-step images/s, no-grad forward images/s) on random device-resident inputs."""
+    bb, head, opt, x, y = _adapter_step_parts(backbone_cfg, batch, device)
 
     def step():
         with _autocast(device):
@@ -208,18 +215,7 @@ def mos_eval(s: dict, device: torch.device, repeats: int = 5) -> tuple[float, fl
 
 def compiled_ceiling(backbone_cfg: dict, batch: int, steps: int, device: torch.device) -> tuple[float, float, float]:
     """(eager images/s, compiled images/s, compile s) of the ceiling's adapter step, forward + loss compiled."""
-    from cl import backbones, peft
-
-    bb = backbones.build(backbone_cfg).to(device)
-    bb.requires_grad_(False)
-    adapters = peft.add_adapters(bb.model, bottleneck=16, scale=0.1, dropout=0.1).to(device)
-    head = torch.nn.Linear(bb.feature_dim, 200).to(device)
-    params = [*adapters.parameters(), *head.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    x = torch.rand(batch, bb.in_chans, bb.input_size, bb.input_size, device=device)
-    y = torch.randint(0, 200, (batch,), device=device)
+    bb, head, opt, x, y = _adapter_step_parts(backbone_cfg, batch, device)
 
     def loss_fn():
         with _autocast(device):
