@@ -33,7 +33,9 @@ NON_SEMANTIC_KEYS = ("results_root", "data_root", "hydra", "trainer.progress", "
                      "trainer.deterministic", "logger",  # where metrics are also sent, not what is computed
                      # `fail` never produces a result and `skip` changes nothing on a clean copy; what `skip` dropped
                      # is recorded in the result's `data_warnings` (the hash never covers the data's content).
-                     "scenario.bad_images")
+                     "scenario.bad_images",
+                     # MOS's T test-time passes in one batch or T: the same predictions and stored sets (tested)
+                     "strategy.batched_eval")
 
 
 def _drop(cfg: dict, dotted: str) -> None:

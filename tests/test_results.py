@@ -15,6 +15,13 @@ def test_config_hash_ignores_where_and_how_verbosely():
     assert config_hash(cfg) != config_hash({**cfg, "seed": 2})
 
 
+def test_mos_batched_eval_keeps_the_run_hash():
+    """A speed-only switch: finished MOS runs from before the option existed keep their directory."""
+    cfg = {"seed": 1, "strategy": {"name": "mos", "reg": 0.1}}
+    assert config_hash(cfg) == config_hash({**cfg, "strategy": {"name": "mos", "reg": 0.1, "batched_eval": True}})
+    assert config_hash(cfg) == config_hash({**cfg, "strategy": {"name": "mos", "reg": 0.1, "batched_eval": False}})
+
+
 def test_result_and_matrix_are_written_whole(tmp_path):
     run = RunDir(tmp_path, "abc")
     run.create()
