@@ -1,7 +1,7 @@
 """Error and per-batch cost of each continual test-time adaptation strategy on one configuration, in one process.
 
-    .venv/bin/python scripts/tta_costs.py [--scenario synthetic-c] [--strategies source bn_adapt tent cotta ecotta psmt]
-                                         [extra overrides ...]
+    .venv/bin/python scripts/tta_costs.py [--scenario synthetic-c] [--strategies source,bn_adapt,tent,cotta,ecotta,psmt]
+                                         [extra overrides, e.g. trainer.device=cpu ...]
 
 Each strategy runs `run.py strategy=S scenario=<scenario> debug=fast` (plus the extra overrides) through the same
 path as run.py, into a temporary results root, twice: the first pass builds any cache (the synthetic-c source
@@ -36,12 +36,12 @@ def measure(strategy: str, scenario: str, extra: list[str], root: str) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", default="synthetic-c")
-    parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
     args, extra = parser.parse_known_args(argv)
     rows = {}
     for rep in range(2):
         with tempfile.TemporaryDirectory() as root:
-            for s in args.strategies:
+            for s in args.strategies.split(","):
                 rows[s] = measure(s, args.scenario, extra, root)
     base = rows.get("source", {}).get("cost_per_batch", {}).get("time_s")
     print(f"scenario={args.scenario} debug=fast {' '.join(extra)}")
