@@ -343,8 +343,10 @@ class SparCL(DERpp):
             if not self.gradient_masking or sample:
                 w.grad.mul_(self.wmask(i))
             if self.gradient_masking:
-                if sample:  # keep the top (1 - gradient_sparsity) |grad| entries, within the weight mask
-                    self.gmask(i).copy_(exact_mask(w.grad.abs(), self.gradient_sparsity) & self.wmask(i))
+                if sample:  # keep the top (1 - gradient_sparsity) |grad| entries, within the weight mask, that
+                    # are non-zero (the reference's mask is `grad != 0` after thresholding, retrain.py:185-189)
+                    top = exact_mask(w.grad.abs(), self.gradient_sparsity) & self.wmask(i)
+                    self.gmask(i).copy_(top & (w.grad != 0))
                 w.grad.mul_(self.gmask(i))
         if self.gradient_masking and not sample:
             keep = [n - int(round(self.gradient_sparsity * n)) for n in self._numel]
