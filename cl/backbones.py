@@ -25,6 +25,10 @@ NORMALIZATIONS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    # mammoth's dataset statistics for backbones trained from scratch (SparCL / DER++): seq-cifar10
+    # (SparCL datasets/seq_cifar10.py:61-66) and seq-tinyimg (mammoth datasets/seq_tinyimagenet.py MEAN, STD)
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2615)),
+    "tiny-imagenet": ((0.4802, 0.4480, 0.3975), (0.2770, 0.2691, 0.2821)),
 }
 # Backbone sources: "module:function(cfg) -> Backbone", imported lazily (each source is an optional extra).
 SOURCES: dict[str, str] = {

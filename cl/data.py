@@ -26,6 +26,48 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int =
     )
 
 
+class WithExtras(Dataset):
+    """`(x, y, extras)`: the dataset's item plus what a strategy asked for (cl/strategy.py, Batch): `index` (the
+    position in `dataset`) and/or `raw` (the same sample from `dataset.eval_view()`, i.e. not augmented; with
+    `scenario.image_cache` that is the cache's evaluation array). Used only when a strategy asks."""
+
+    def __init__(self, dataset: Dataset, *, index: bool = False, raw: bool = False):
+        from .stream import eval_view
+
+        self.dataset, self.index = dataset, bool(index)
+        self.raw_view = eval_view(dataset) if raw else None
+        if raw and self.raw_view is dataset and _augments(dataset):
+            raise ValueError(f"{type(dataset).__name__} augments its training items but has no eval_view(): the "
+                             "un-augmented input a strategy asked for (needs_raw_input) cannot be read; add eval_view()")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i]
+        extras = {"index": i} if self.index else {}
+        if self.raw_view is not None:
+            extras["raw"] = self.raw_view[i][0]
+        return x, y, extras
+
+
+def _augments(dataset) -> bool:
+    """Whether a dataset (or one it wraps) applies a random training transform."""
+    for inner in (getattr(dataset, "dataset", None), getattr(dataset, "base", None)):
+        if inner is not None and _augments(inner):
+            return True
+    parts = getattr(dataset, "datasets", None)
+    if parts is not None:
+        return any(_augments(d) for d in parts)
+    return bool(getattr(dataset, "train", False)) and getattr(dataset, "augment", "none") not in ("none", None)
+
+
+def unit_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (or float) images -> float in [0, 1] on `device`, at their own size (Batch.raw)."""
+    x = x.to(device, non_blocking=True)
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
 def to_model_input(x: torch.Tensor, size: int, channels: int, device: torch.device) -> torch.Tensor:
     """uint8 `[B, C, H, W]` (or float in [0, 1]) -> float `[B, channels, size, size]` in [0, 1] on `device`.
 

@@ -30,11 +30,18 @@ from .stream import Experience, Stream, StreamInfo
 
 @dataclass
 class Batch:
-    """One mini-batch on the device: `x` float images in [0, 1] at the backbone's input size."""
+    """One mini-batch on the device: `x` float images in [0, 1] at the backbone's input size.
+
+    Optional fields, filled only for a strategy that declares it needs them (no cost for the others):
+    `index` (`needs_index = True`): each sample's position in the dataset `training_data` returned (int64);
+    `raw` (`needs_raw_input = True`): the same samples before augmentation (the dataset's `eval_view`), float in
+    [0, 1] at the dataset's own size, not resized (DER++ stores these and re-augments them itself)."""
 
     x: torch.Tensor
     y: torch.Tensor
     task_id: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    raw: torch.Tensor | None = None
 
 
 class Strategy(nn.Module):
@@ -44,6 +51,11 @@ class Strategy(nn.Module):
     supports: tuple[str, ...] = ("class_il", "task_il", "domain_il")
     uses_sgd = True
     forward_passes_per_test_image = 1
+    # What the trainer's training loader provides (see Batch): sample indices, un-augmented inputs, and whether
+    # an incomplete last batch is dropped (SparCL's reference skips it; a set no larger than one batch is kept).
+    needs_index = False
+    needs_raw_input = False
+    drop_last = False
 
     def __init__(self, **hparams: Any):
         super().__init__()

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import ConcatDataset
 
 from .cache import model_input  # to_model_input, plus the image cache's device-side augmentation
-from .data import make_loader, to_model_input
+from .data import WithExtras, make_loader, to_model_input, unit_float
 from .errors import ConfigError, NonFiniteLossError, RunInterrupted  # noqa: F401  (re-exported)
 from .feature_cache import FeatureCache
 from .progress import progress_bar
@@ -289,9 +289,11 @@ class Trainer:
         """The training phase of experience i: SGD epochs, or the strategy's own fit; then end_experience."""
         exp = stream[i]
         train_data = strategy.training_data(stream[: i + 1])
+        if strategy.needs_index or strategy.needs_raw_input:  # Batch.index / Batch.raw, only when asked for
+            train_data = WithExtras(train_data, index=strategy.needs_index, raw=strategy.needs_raw_input)
         loader = make_loader(train_data, batch_size=self.cfg.batch_size, shuffle=True,
                              seed=self.cfg.seed * 1000 + i, num_workers=self.cfg.num_workers,
-                             pin_memory=self.device.type == "cuda")
+                             pin_memory=self.device.type == "cuda", drop_last=strategy.drop_last)
         if strategy.uses_sgd:
             train_time, train_images = self._train_sgd(strategy, groups, loader, i, len(stream), exp.task_id,
                                                        resume=resume, t0=t0)
@@ -361,11 +363,16 @@ class Trainer:
                 set_rng_state(resume["rng"])
                 strategy.train()
                 resume = None
-            for b, (x, y) in enumerate(batches, start=skip):
+            for b, (x, y, *extras) in enumerate(batches, start=skip):
                 if b >= steps_per_epoch:
                     break
                 batch = Batch(model_input(x, size, chans, self.device), y.to(self.device, non_blocking=True),
                               self._task_ids(strategy, task_id, len(y)))
+                if extras:  # WithExtras: what the strategy asked for
+                    if "index" in extras[0]:
+                        batch.index = extras[0]["index"].to(self.device, non_blocking=True)
+                    if "raw" in extras[0]:
+                        batch.raw = unit_float(extras[0]["raw"], self.device)
                 with self.autocast():
                     loss = strategy.train_step(batch)
                 optimizer.zero_grad(set_to_none=True)

@@ -35,8 +35,10 @@ Deliberate differences from the reference code, and why:
   unstable argsort over dict order.
 - `remove_fraction` (default 0.3 = 3000 of a Split CIFAR-10 task's 10000 images) scales DDR to other streams;
   `remove_n` gives the reference's absolute count.
-- The trainer's batches carry no sample ids: `training_data` returns a view that packs each sample's index into
-  its label (y + n_classes * index), decoded in `train_step`. Resuming inside an experience after a removal
+- The example ids come from the trainer (`needs_index`: `Batch.index`, a position in `IndexedView`, mapped back to
+  the experience's full train set as the reference's `train_indx[index]`). The loader drops an incomplete last
+  batch (`drop_last`, the reference's `continue` at :282-283), except when the whole set fits in one batch (the
+  reference would then train on nothing). Resuming inside an experience after a removal
   replays that epoch over the examples kept before the removal (the removal state is restored after the loader
   has drawn the epoch's order); resuming at experience boundaries is exact except that the un-zeroed gradient
   used by the next mask update is not checkpointed.
@@ -125,22 +127,45 @@ class Schedule:
 
 # --- dynamic data removal ----------------------------------------------------------------------------------
 class IndexedView(Dataset):
-    """The kept examples of one experience's train set; labels carry the example's index: y + n_classes * index."""
+    """The kept examples of one experience's train set. The trainer's `Batch.index` is a position in this view;
+    `base_index` maps it back to the example's index in the full set (the reference's `train_indx[index]`)."""
 
-    def __init__(self, base: Dataset, n_classes: int):
-        self.base, self.n_classes = base, int(n_classes)
-        self.keep = np.arange(len(base))
+    def __init__(self, base: Dataset, parent: "IndexedView | None" = None):
+        self.base, self.parent = base, parent
+        self._keep = np.arange(len(base)) if parent is None else None
+        self._keep_dev: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def keep(self) -> np.ndarray:
+        return self.parent.keep if self.parent is not None else self._keep
 
     def __len__(self) -> int:
         return len(self.keep)
 
     def __getitem__(self, i: int):
-        j = int(self.keep[i])
-        x, y = self.base[j]
-        return x, int(y) + self.n_classes * j
+        return self.base[int(self.keep[i])]
+
+    def eval_view(self) -> "IndexedView":
+        """The same kept examples, un-augmented (Batch.raw); follows this view's removals."""
+        from cl.stream import eval_view
+
+        return IndexedView(eval_view(self.base), parent=self)
+
+    def base_index(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions in this view -> indices in the full set, on the positions' device (no host sync)."""
+        dev = positions.device
+        if dev not in self._keep_dev:
+            self._keep_dev[dev] = torch.as_tensor(self.keep, dtype=torch.long, device=dev)
+        return self._keep_dev[dev][positions]
+
+    def __getstate__(self):  # loader workers get the kept indices, not the device copies
+        return {**self.__dict__, "_keep_dev": {}}
 
     def remove(self, indices) -> None:
-        self.keep = np.setdiff1d(self.keep, np.asarray(indices, dtype=np.int64))
+        if self.parent is not None:
+            raise ValueError("remove on the parent IndexedView")
+        self._keep = np.setdiff1d(self._keep, np.asarray(indices, dtype=np.int64))
+        self._keep_dev.clear()
 
 
 class ForgettingStats:
@@ -178,6 +203,8 @@ class ForgettingStats:
 # --- the strategy ------------------------------------------------------------------------------------------
 class SparCL(DERpp):
     name = "sparcl"
+    needs_index = True  # per-example forgetting statistics (Batch.index, mapped through IndexedView)
+    drop_last = True  # the reference skips an incomplete last batch (:282-283): the last gradient is a full batch's
 
     def __init__(self, sparsity: float = 0.75, prune_bounds: list[float] | None = None,
                  grow_bounds: list[float] | None = None, schedule_epochs: int = 50, mask_update_freq: int = 5,
@@ -272,7 +299,7 @@ class SparCL(DERpp):
 
     # --- data ------------------------------------------------------------------------------------------
     def training_data(self, seen):
-        self._view = IndexedView(seen[-1].train, self.info.n_classes)
+        self._view = IndexedView(super().training_data(seen))
         self._stats = None
         return self._view
 
@@ -292,10 +319,11 @@ class SparCL(DERpp):
         self._batch_in_epoch = 0
 
     def train_step(self, batch: Batch) -> torch.Tensor:
-        if self._view is not None:  # decode the packed index (see IndexedView)
-            k = self.info.n_classes
-            self._idx = torch.div(batch.y, k, rounding_mode="floor")
-            batch = Batch(batch.x, batch.y % k, batch.task_id)
+        if self._view is not None:
+            if batch.index is None:
+                raise ValueError("SparCL's data removal needs Batch.index (the trainer fills it for strategies "
+                                 "with needs_index; a direct caller passes Batch(x, y, index=..., raw=...))")
+            self._idx = self._view.base_index(batch.index)
         return super().train_step(batch)
 
     def after_forward(self, batch: Batch, z: torch.Tensor) -> None:
@@ -315,8 +343,10 @@ class SparCL(DERpp):
             if not self.gradient_masking or sample:
                 w.grad.mul_(self.wmask(i))
             if self.gradient_masking:
-                if sample:  # keep the top (1 - gradient_sparsity) |grad| entries, within the weight mask
-                    self.gmask(i).copy_(exact_mask(w.grad.abs(), self.gradient_sparsity) & self.wmask(i))
+                if sample:  # keep the top (1 - gradient_sparsity) |grad| entries, within the weight mask, that
+                    # are non-zero (the reference's mask is `grad != 0` after thresholding, retrain.py:185-189)
+                    top = exact_mask(w.grad.abs(), self.gradient_sparsity) & self.wmask(i)
+                    self.gmask(i).copy_(top & (w.grad != 0))
                 w.grad.mul_(self.gmask(i))
         if self.gradient_masking and not sample:
             keep = [n - int(round(self.gradient_sparsity * n)) for n in self._numel]

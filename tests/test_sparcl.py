@@ -88,7 +88,7 @@ def tiny_sparcl(**kw):
 def sgd_step(s, opt, x, y):
     from cl.strategy import Batch
 
-    loss = s.train_step(Batch(x, y))
+    loss = s.train_step(Batch(x, y, raw=x))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     s.before_optimizer_step()
@@ -140,9 +140,12 @@ def test_data_removal_drops_the_least_forgotten_examples():
     assert stats.scores(3).tolist() == [0, 1, 3, 1, 0, 1]
     assert stats.least_forgotten(2, never_learned=3).tolist() == [0, 4]
     ds = [(torch.zeros(1), c % 2) for c in range(6)]
-    view = IndexedView(ds, n_classes=2)
+    view = IndexedView(ds)
+    raw = view.eval_view()
     view.remove([0, 4])
-    assert len(view) == 4 and [view[i][1] for i in range(4)] == [1 + 2 * 1, 0 + 2 * 2, 1 + 2 * 3, 1 + 2 * 5]
+    assert len(view) == 4 and [view[i][1] for i in range(4)] == [1, 0, 1, 1]  # labels untouched
+    assert view.base_index(torch.tensor([0, 3, 1])).tolist() == [1, 5, 2]  # positions -> full-set indices
+    assert len(raw) == 4 and raw.base_index(torch.tensor([3])).tolist() == [5]  # the raw view follows removals
 
 
 def test_removal_epoch_shrinks_the_training_set():

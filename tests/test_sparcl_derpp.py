@@ -1,5 +1,6 @@
 """DER++ reservoir buffer and loss: fills, then keeps exactly `size` items with reservoir probabilities; the
-logit-replay term is zero for a perfect fit; replay starts at the second experience (SparCL's rule)."""
+logit-replay term is zero for a perfect fit; the device crop + flip; the presets' input normalisation. (The
+reference step, what the buffer holds and where replay starts: tests/test_reference_derpp.py.)"""
 import torch
 from torch import nn
 
@@ -46,3 +47,24 @@ def test_buffer_state_round_trips():
     other.load_state_dict(buf.state_dict())
     assert other.seen == 5 and torch.equal(other.y, buf.y)
     assert torch.equal(other.sample(2)[1], buf.sample(2)[1])  # same generator state: same draws
+
+
+def test_device_crop_flip_pads_with_zeros_and_flips():
+    from strategies.derpp import apply_crop_flip
+
+    x = torch.arange(1.0, 17.0).view(1, 1, 4, 4).repeat(2, 1, 1, 1)
+    out = apply_crop_flip(x, 2, torch.tensor([[0, 0], [2, 2]]), torch.tensor([False, True]))
+    assert out[0, 0, :2].eq(0).all() and out[0, 0, :, :2].eq(0).all() and torch.equal(out[0, 0, 2:, 2:], x[0, 0, :2, :2])
+    assert torch.equal(out[1, 0], x[1, 0].flip(-1))  # offset (pad, pad) is the identity crop, then the flip
+
+
+def test_cifar_presets_normalise_with_the_reference_statistics():
+    from cl.backbones import NORMALIZATIONS
+    from cl.cli import compose_config
+
+    for preset, norm in (("sparcl_cifar10", "cifar10"), ("derpp_cifar10", "cifar10"),
+                         ("sparcl_tiny-imagenet", "tiny-imagenet")):
+        assert compose_config([f"+experiment={preset}"])["backbone"]["normalize"] == norm
+    assert NORMALIZATIONS["cifar10"] == ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2615))  # seq_cifar10.py:65-66
+    assert compose_config(["strategy=derpp", "scenario=synthetic", "backbone=resnet18-tiny"])["backbone"][
+        "normalize"] == "none"  # other streams are untouched
