@@ -40,8 +40,9 @@ is frozen, so the original keeps one activation per BN for backward (the paper's
 does not count it); `source` keeps none (its BNs are affine maps).
 
 Deliberate differences (docs/tta.md):
-- one optimizer step on the summed loss, as the paper's objective; the community code takes two steps (the
-  regulariser, with each part's input detached, then the entropy);
+- one optimizer step on the summed loss, as the paper's objective (`update: joint`); `update: two_step` runs the
+  community code's two steps (the regulariser with each part's input detached, then the entropy on a fresh pass,
+  whose output is the prediction; main.py:59-88);
 - R is computed on the same forward pass (targets detached, inputs not detached), so no second pass;
 - warm-up augmentation is batched on the device (brightness/contrast jitter p 0.4, 3x3 blur p 0.2, grayscale
   p 0.1, the community recipe's three operations) and the step decay is the community one (x0.2 at 30/60/80 %).
@@ -246,14 +247,16 @@ class EcoTTANet(nn.Module):
     def meta_parameters(self):
         return [p for part in self.parts for m in (part.meta_bn, part.conv, part.bn) for p in m.parameters()]
 
-    def forward(self, x):
+    def forward(self, x, detach_parts: bool = False):
+        """(logits, [(x̃_k, x_k)]); `detach_parts` cuts the graph at each part's input, as the community code's
+        regulariser pass (wideresnet28.py `one_part_of_networks`, cal_mseloss: x = x.detach())."""
         if self.normalize:
             x = (x - self.mean) / self.std
         with PackedReLUs():  # ReLUs keep 1-bit masks for backward (the original's and the meta networks')
             h = self.stem(x)
             pairs = []
             for part in self.parts:
-                h, xk = part(h)
+                h, xk = part(h.detach() if detach_parts else h)
                 pairs.append((h, xk))
             return self.head_fn(h), pairs
 
@@ -281,11 +284,15 @@ class EcoTTA(TTAStrategy):
     def __init__(self, lr: float = 5e-3, momentum: float = 0.9, reg_weight: float = 0.5, e0_factor: float = 0.4,
                  warmup_epochs: int = 10, warmup_lr: float = 0.05, warmup_batch_size: int = 64, num_parts: int = 5,
                  partition=None, frozen_bn: str = "batch", warmup_weight_decay: float = 0.0,
-                 warmup_linear_epochs: int = 1, **kw):
+                 warmup_linear_epochs: int = 1, update: str = "joint", **kw):
         super().__init__(lr=lr, momentum=momentum, reg_weight=reg_weight, e0_factor=e0_factor,
                          warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, warmup_batch_size=warmup_batch_size,
                          num_parts=num_parts, partition=partition, frozen_bn=frozen_bn,
-                         warmup_weight_decay=warmup_weight_decay, warmup_linear_epochs=warmup_linear_epochs, **kw)
+                         warmup_weight_decay=warmup_weight_decay, warmup_linear_epochs=warmup_linear_epochs,
+                         update=update, **kw)
+        if update not in ("joint", "two_step"):
+            raise ConfigError(f"ecotta: strategy.update must be joint or two_step, got {update!r}")
+        self.update = update
         if frozen_bn not in FROZEN_BN:
             raise ConfigError(f"ecotta: strategy.frozen_bn must be one of {', '.join(FROZEN_BN)}, got {frozen_bn!r}")
         self.frozen_bn, self.warmup_wd = frozen_bn, float(warmup_weight_decay)
@@ -362,17 +369,44 @@ class EcoTTA(TTAStrategy):
     def predict(self, x, task_id=None):
         return self.net(x)[0]
 
+    def _entropy_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mean entropy over the confident samples, H < E0 = e0_factor * ln C (utils.py:16-27); the others get no
+        gradient; 0 (no gradient) when none is confident (the community code's mean of nothing)."""
+        ent = softmax_entropy(logits)
+        confident = ent < self.e0_factor * math.log(logits.shape[1])
+        return (ent * confident).sum() / confident.sum().clamp_min(1)
+
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        if self.update == "two_step":
+            return self._two_steps(x)
         with torch.enable_grad():
             logits, pairs = self.net(x)
             self.count_passes(1)
-            ent = softmax_entropy(logits)
-            confident = ent < self.e0_factor * math.log(logits.shape[1])
-            loss_ent = (ent * confident).sum() / confident.sum().clamp_min(1)
+            loss_ent = self._entropy_loss(logits)
             reg = sum(_PackedL1.apply(xt, xk.detach()) for xt, xk in pairs)  # mean |x̃_k - sg(x_k)|
             loss = loss_ent + self.reg_weight * reg
+            self.last_loss = {"entropy": loss_ent.detach(), "reg": reg.detach()}
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self.optimizer.step()
+        return logits.detach()
+
+    def _two_steps(self, x: torch.Tensor) -> torch.Tensor:
+        """Lily-Le/EcoTTA main.py:59-88: (1) a pass with each part's input detached, one SGD step on λ·Σ_k R_k;
+        (2) a fresh pass, one SGD step on the filtered entropy. The prediction is pass (2)'s output: made after
+        the regulariser step, before the entropy step (main.py:82, 88)."""
+        with torch.enable_grad():
+            _, pairs = self.net(x, detach_parts=True)
+            reg = sum(_PackedL1.apply(xt, xk.detach()) for xt, xk in pairs)
+            self.optimizer.zero_grad(set_to_none=True)
+            (self.reg_weight * reg).backward()
+            self.optimizer.step()
+            logits, _ = self.net(x)
+            self.count_passes(2)
+            loss_ent = self._entropy_loss(logits)
+            self.last_loss = {"entropy": loss_ent.detach(), "reg": reg.detach()}
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_ent.backward()
             self.optimizer.step()
         return logits.detach()
 
