@@ -2,7 +2,8 @@
 
     BN uses test-batch statistics; only BN affine (gamma, beta) train.
     per batch x:  logits = f(x);  L = mean entropy(softmax(logits));  one optimizer step;  return logits
-The returned prediction is the one computed before the step (as in the reference `forward_and_adapt`).
+The returned prediction is the one computed before the step (as in the reference `forward_and_adapt`); with
+`steps` > 1 it is the last step's, computed before the last update (`Tent.forward`, tent.py:26-33).
 Continual by default (reset once); `scenario.reset_each_shift=true` gives the official per-domain reset.
 Optimiser (`setup_optimizer`, tent/cifar10c.py:93-117; qinenergy/cotta imagenet/imagenetc.py:101-123): Adam
 (beta 0.9, 0.999) on CIFAR; SGD momentum 0.9, dampening 0, NESTEROV on ImageNet (`nesterov: true`, set by
@@ -38,8 +39,7 @@ class Tent(TTAStrategy):
             for step in range(self.steps):
                 logits = self.backbone(x)
                 self.count_passes(1)
-                if step == 0:
-                    prediction = logits.detach()
+                prediction = logits.detach()  # Tent.forward returns the LAST step's outputs (tent.py:30-33)
                 loss = softmax_entropy(logits).mean()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()

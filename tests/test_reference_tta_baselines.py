@@ -112,17 +112,19 @@ def _reference_tent(model: nn.Module, optim: str, lr: float):
     return params, opt
 
 
-@pytest.mark.parametrize("optim,lr,extra", [("adam", 1e-2, {}),                       # CIFAR (lr raised: visible moves)
-                                            ("sgd", 5e-2, {"nesterov": True})])        # ImageNet-C, Nesterov
-def test_tent_matches_the_reference_forward_and_adapt(optim, lr, extra):
+@pytest.mark.parametrize("optim,lr,extra,steps", [("adam", 1e-2, {}, 1),                 # CIFAR (lr raised: visible moves)
+                                                  ("sgd", 5e-2, {"nesterov": True}, 1),  # ImageNet-C, Nesterov
+                                                  ("adam", 1e-2, {}, 2)])                # OPTIM.STEPS 2
+def test_tent_matches_the_reference_forward_and_adapt(optim, lr, extra, steps):
     """tent.py:48-61 `forward_and_adapt`: outputs = model(x); loss = entropy(outputs).mean(0); backward; step;
-    zero_grad; return outputs (computed before the step). Three batches, continual (no reset)."""
+    zero_grad; return outputs (computed before the step); `Tent.forward` (tent.py:26-33) repeats it `steps`
+    times and returns the last outputs. Three batches, continual (no reset)."""
     from strategies.tent import Tent
 
     bb = _backbone()
     ref = copy.deepcopy(bb.model)
     params, opt = _reference_tent(ref, optim, lr)
-    s = _setup(Tent(optim=optim, lr=lr, momentum=0.9, **extra), bb)
+    s = _setup(Tent(optim=optim, lr=lr, momentum=0.9, steps=steps, **extra), bb)
     if optim == "sgd":
         assert s.optimizer.param_groups[0]["nesterov"] is True
     trained = {n for n, p in s.backbone.model.named_parameters() if p.requires_grad}
@@ -131,12 +133,13 @@ def test_tent_matches_the_reference_forward_and_adapt(optim, lr, extra):
     assert trained == bn_affine  # only BN affine trains
     start = {n: p.detach().clone() for n, p in s.backbone.model.named_parameters()}
     for x in _batches():
-        outputs = ref(x)
-        loss = _entropy(outputs).mean(0)
-        loss.backward()
-        grads = [p.grad.clone() for p in params]
-        opt.step()
-        opt.zero_grad()
+        for _ in range(steps):
+            outputs = ref(x)
+            loss = _entropy(outputs).mean(0)
+            loss.backward()
+            grads = [p.grad.clone() for p in params]
+            opt.step()
+            opt.zero_grad()
         pred = s.adapt(x)
         assert torch.allclose(pred, outputs.detach(), atol=ATOL)  # the prediction from before the step
         assert torch.allclose(_entropy(pred).mean(), loss.detach(), atol=ATOL)  # the loss it minimised
