@@ -305,3 +305,29 @@ def test_warmup_matches_the_community_loop(monkeypatch):
             opt.step()
     s.warm_up(data)
     assert _params_close(s, ref)
+
+
+def test_bad_options_are_one_line_config_errors():
+    from cl.errors import ConfigError
+    from strategies.ecotta import EcoTTA
+
+    with pytest.raises(ConfigError, match="frozen_bn must be one of batch, source"):
+        EcoTTA(frozen_bn="running")
+    with pytest.raises(ConfigError, match="update must be joint or two_step"):
+        EcoTTA(update="both")
+
+
+def test_batch_statistics_cost_one_activation_per_frozen_bn():
+    """frozen_bn=batch keeps each frozen BN's input for backward (a batch-statistics BN needs it even with a
+    frozen affine); frozen_bn=source keeps none (affine maps). Counted with saved_tensors_hooks."""
+    from strategies.tta_base import SavedForBackward
+
+    x = _batches()[0]
+    saved = {}
+    for mode in ("batch", "source"):
+        s = _strategy(_backbone(), frozen_bn=mode)
+        with SavedForBackward(s._resident_keys()) as rec:
+            s.forward_and_adapt(x)
+        saved[mode] = rec.bytes
+    n_frozen_bn = sum(isinstance(m, nn.BatchNorm2d) for m in _backbone().model.modules())
+    assert saved["batch"] > saved["source"] and n_frozen_bn > 0, saved
