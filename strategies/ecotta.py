@@ -22,9 +22,9 @@ Lily-Le/EcoTTA `ecotta_sample_code.py`, fixes the architecture; the paper fixes 
 Why it saves memory: a frozen conv does not keep its input for a weight gradient, so the original network
 stores far less for backward than CoTTA's fully trained student (counted in `adapt_costs`, docs/tta.md). PyTorch
 does not exploit this by itself, so the original's convs and BNs run as ops that keep no activation (a conv that
-keeps only its weight, a BN as its affine map), and every ReLU in the EcoTTA network keeps a 1-bit mask (TinyTL's
+keeps only its weight; with `frozen_bn: source` a BN as its affine map), and every ReLU in the EcoTTA network keeps a 1-bit mask (TinyTL's
 accounting, which the paper's memory figures use) instead of its float output; the L1 regulariser keeps its sign
-as bits. Measured on WRN-28 (depth 28, K=5): 0.37x CoTTA's saved bytes per step, K=4 0.32x
+as bits. Measured on WRN-28 (depth 28, K=5, `frozen_bn: source`): 0.37x CoTTA's saved bytes per step, K=4 0.32x
 (tests/test_tta_robustbench.py); the same ReLU masks do not shrink CoTTA (its ReLU outputs are the next conv's
 saved inputs).
 
@@ -45,7 +45,8 @@ Deliberate differences (docs/tta.md):
   whose output is the prediction; main.py:59-88);
 - R is computed on the same forward pass (targets detached, inputs not detached), so no second pass;
 - warm-up augmentation is batched on the device (brightness/contrast jitter p 0.4, 3x3 blur p 0.2, grayscale
-  p 0.1, the community recipe's three operations) and the step decay is the community one (x0.2 at 30/60/80 %).
+  p 0.1, the community recipe's three operations); the decay epochs scale with `warmup_epochs` (x0.2 at
+  30/60/80 % of them: 3, 6, 8 for the community's 10; its ImageNet script uses a cosine instead).
 - a model without a K table (the synthetic-c ResNet, one block per stage) gets one part per stage; a model
   without a stem/blocks/head split is a ConfigError.
 """
