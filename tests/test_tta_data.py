@@ -7,35 +7,67 @@ import torch
 from cl.errors import ConfigError
 
 
+LABELS = np.random.default_rng(0).integers(0, 10, 10000)  # not periodic: a shifted label slice shows
+
+
 def _cifar_c(root, corruptions=("gaussian_noise", "contrast")):
+    """Released-layout files whose every row is distinct: channel 0/1 hold the row index (r % 251, r // 251),
+    channel 2 the pixel position and the corruption, so a permuted, shifted or transposed read fails."""
     folder = root / "CIFAR-10-C"
     folder.mkdir(parents=True)
+    r = np.arange(50000)
+    pos = (np.arange(32)[:, None] * 32 + np.arange(32)[None, :]) % 200
     for j, c in enumerate(corruptions):
-        a = np.zeros((50000, 32, 32, 3), dtype=np.uint8)
-        for s in range(5):  # the pixel value encodes (corruption, severity)
-            a[s * 10000:(s + 1) * 10000] = 10 * j + s + 1
+        a = np.empty((50000, 32, 32, 3), dtype=np.uint8)
+        a[..., 0] = (r % 251)[:, None, None]
+        a[..., 1] = (r // 251)[:, None, None]
+        a[..., 2] = (pos + 50 * j)[None]
         np.save(folder / f"{c}.npy", a)
-    np.save(folder / "labels.npy", np.tile(np.arange(10000) % 10, 5))
+    np.save(folder / "labels.npy", np.tile(LABELS, 5))
+    return folder
 
 
-def test_cifar_c_severity_slicing_and_labels(tmp_path):
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    """The two 150 MB files are written once for the module."""
+    root = tmp_path_factory.mktemp("cifar-c")
+    return root, _cifar_c(root)
+
+
+def _rows(folder, corruption, start, stop):
+    """The file's rows start..stop as the reader must return them: uint8 NCHW."""
+    return torch.from_numpy(np.array(np.load(folder / f"{corruption}.npy", mmap_mode="r")[start:stop])).permute(0, 3, 1, 2)
+
+
+def _row_index(x):
+    return x[:, 0, 0, 0].long() + 251 * x[:, 1, 0, 0].long()
+
+
+def test_cifar_c_severity_slicing_and_labels(cifar_root):
     from scenarios.cifar_c import load_cifar_c
 
-    _cifar_c(tmp_path)
-    x, y = load_cifar_c("cifar10-c", tmp_path, "contrast", 3, n_examples=100)
-    assert x.shape == (100, 3, 32, 32) and x.dtype == torch.uint8
-    assert (x == 13).all()  # rows 20000..30000 of the second file
-    assert torch.equal(y, torch.arange(100) % 10)
+    tmp_path, folder = cifar_root
+    x, y = load_cifar_c("cifar10-c", tmp_path, "contrast", 5)  # severity 5: rows 40000..50000, all of them
+    assert x.shape == (10000, 3, 32, 32) and x.dtype == torch.uint8
+    assert torch.equal(x, _rows(folder, "contrast", 40000, 50000))
+    assert torch.equal(_row_index(x), torch.arange(40000, 50000))
+    assert torch.equal(y, torch.from_numpy(LABELS))  # labels[:10000], row i with label i
+    x, y = load_cifar_c("cifar10-c", tmp_path, "gaussian_noise", 3, n_examples=100)  # the first n, in file order
+    assert torch.equal(x, _rows(folder, "gaussian_noise", 20000, 20100))
+    assert torch.equal(y, torch.from_numpy(LABELS[:100]))
 
 
-def test_cifar_c_stream_and_missing_file_lists_tree(tmp_path):
+def test_cifar_c_stream_and_missing_file_lists_tree(cifar_root):
     from scenarios.tta import build_tta
 
-    _cifar_c(tmp_path)
+    tmp_path, folder = cifar_root
     s = build_tta({"dataset": "cifar10-c", "corruptions": ["gaussian_noise", "contrast"], "severity": 5,
                    "n_examples": 50}, tmp_path)
     assert [e.domain for e in s] == ["gaussian_noise_5", "contrast_5"] and s.info.extra["corruption_source"] == "released"
-    assert (s[1].test.tensors[0] == 15).all()
+    for e, c in zip(s, ("gaussian_noise", "contrast")):
+        x, y = e.test.tensors
+        assert torch.equal(x, _rows(folder, c, 40000, 40050))
+        assert torch.equal(y, torch.from_numpy(LABELS[_row_index(x).numpy() - 40000]))  # each image keeps its label
     with pytest.raises(ConfigError, match="CIFAR-10-C/shot_noise.npy"):
         build_tta({"dataset": "cifar10-c", "corruptions": ["shot_noise"]}, tmp_path)
 

@@ -147,15 +147,17 @@ def test_ecotta_saves_backward_memory_against_cotta_on_wrn28():
         c.backbone(x)  # 1-bit ReLU masks do not help CoTTA: its ReLU outputs are the next conv's saved inputs
     sizes["cotta_packed_relu"] = saved.bytes
     del student
-    for k in (4, 5):
-        e = EcoTTA(num_parts=k)
+    # frozen_bn=source: the original keeps no activation, the architecture as the paper counts its memory;
+    # frozen_bn=batch (the default, the community code's train mode) also keeps each frozen BN's input
+    for k, mode, key in ((4, "source", "ecotta_k4"), (5, "source", "ecotta_k5"), (5, "batch", "ecotta_k5_batch")):
+        e = EcoTTA(num_parts=k, frozen_bn=mode)
         e.setup(_build("wrn-28-10", widen_factor=1), info)
         e.warmed_up.fill_(True)
         with SavedForBackward(e._resident_keys()) as saved:
             e.forward_and_adapt(x)
-        sizes[f"ecotta_k{k}"] = saved.bytes
+        sizes[key] = saved.bytes
     info100 = StreamInfo(name="t", kind="tta", n_classes=100, n_experiences=1, class_order=list(range(100)))
-    for name, s in (("cotta_wrn40", CoTTA(n_aug=2, ap=0.0)), ("ecotta_wrn40_k4", EcoTTA(num_parts=4))):
+    for name, s in (("cotta_wrn40", CoTTA(n_aug=2, ap=0.0)), ("ecotta_wrn40_k4", EcoTTA(num_parts=4, frozen_bn="source"))):
         s.setup(_build("wrn-40-2", widen_factor=1, n_classes=100), info100)  # the paper's 80 % case, K=4
         if name.startswith("ecotta"):
             s.warmed_up.fill_(True)
@@ -168,3 +170,4 @@ def test_ecotta_saves_backward_memory_against_cotta_on_wrn28():
     assert sizes["cotta_packed_relu"] > 0.95 * sizes["cotta"]
     assert sizes["ecotta_k5"] < 0.45 * sizes["cotta"]  # measured 0.370 (K=5) and 0.319 (K=4)
     assert sizes["ecotta_k4"] < sizes["ecotta_k5"]
+    assert sizes["ecotta_k5"] < sizes["ecotta_k5_batch"] < sizes["cotta"]
