@@ -39,7 +39,7 @@ from .strategy import Batch, Strategy
 from .stream import Stream
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("cosine", "constant")
+SCHEDULERS = ("cosine", "constant", "multistep")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -54,6 +54,8 @@ class TrainerConfig:
     weight_decay: float = 0.0
     scheduler: str = "cosine"
     min_lr: float = 0.0
+    milestones: list[int] | None = None  # multistep: lr *= gamma after each of these epochs (torch MultiStepLR)
+    gamma: float = 0.1
     clip_grad_norm: float | None = None
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"
@@ -92,6 +94,13 @@ class TrainerConfig:
                 raise ConfigError(f"trainer.{name} must be at least 1 or null, got {getattr(tc, name)}")
         if tc.num_workers < 0 or tc.keep_checkpoints < 0:
             raise ConfigError("trainer.num_workers and trainer.keep_checkpoints cannot be negative")
+        if tc.scheduler == "multistep":
+            m = tc.milestones
+            if not m or any(a >= b for a, b in zip(m, m[1:])) or m[0] < 1:
+                raise ConfigError(f"trainer.scheduler=multistep needs trainer.milestones, increasing epochs >= 1 "
+                                  f"after which lr *= trainer.gamma (e.g. [50,100,150]), got {m!r}")
+            if tc.gamma <= 0:
+                raise ConfigError(f"trainer.gamma must be > 0, got {tc.gamma}")
         return tc
 
 
@@ -99,9 +108,18 @@ _FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
 def _check_field_type(f, value: Any) -> Any:
-    """The value as the field's declared type (`int`, `float | None`, ...), or a one-line `ConfigError`."""
+    """The value as the field's declared type (`int`, `float | None`, `list[int] | None`), or a one-line
+    `ConfigError`."""
     names = [t.strip() for t in str(f.type).split("|")]
     optional = "None" in names
+    if "list[int]" in names:
+        if value is None and optional:
+            return None
+        if value is None or isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"trainer.{f.name} must be a list of integers{' or null' if optional else ''}, "
+                              f"got {value!r}")
+        return [int(v) for v in value]
     base = _FIELD_TYPES[next(t for t in names if t != "None")]
     if value is None:
         if optional:
@@ -325,8 +343,7 @@ class Trainer:
         optimizer = self._make_optimizer(strategy, groups)
         if optimizer is None:
             return 0.0, 0
-        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=c.epochs, eta_min=c.min_lr)
-                     if c.scheduler == "cosine" else None)
+        scheduler = make_scheduler(optimizer, c)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         steps_per_epoch = len(loader) if c.limit_train_batches is None else min(len(loader), c.limit_train_batches)
         bar = progress_bar(total=c.epochs * steps_per_epoch, desc=f"exp {index + 1}/{n_exp}", enabled=c.progress)
@@ -520,6 +537,17 @@ class Trainer:
         feats, labels = torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts])
         bs = self.cfg.eval_batch_size
         return [(feats[k: k + bs], labels[k: k + bs]) for k in range(0, len(labels), bs)]
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, c: TrainerConfig):
+    """The per-epoch lr schedule (stepped after every epoch): cosine to `min_lr` over `epochs`; multistep, lr
+    times `gamma` after each epoch in `milestones` (torch MultiStepLR, as FSA's cil_trainer.py:36-39); constant:
+    none."""
+    if c.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=c.epochs, eta_min=c.min_lr)
+    if c.scheduler == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(c.milestones), gamma=c.gamma)
+    return None
 
 
 def _skip_batches(batches, n: int) -> None:

@@ -39,6 +39,16 @@ Two ways to fix the sessions:
     without replacement by `numpy.random.default_rng(seed)`. `write_index_files` saves any stream's sessions in
     format (a), so a generated protocol can be frozen and shared.
 
+`resize` (default `pilot`: the dataset reader's own transforms) replaces the input pipeline of image datasets
+(CIFAR-100, ImageFolder trees) with the one of FSA's FSCIL loaders (aresPanos/fsa), for train and test alike and
+with no augmentation (so it needs `augment: none`):
+
+- `lanczos`: straight to image_size x image_size with LANCZOS, no crop (`src/dataloader/cifar100_fscil.py:161-165`
+  training with iscl_all=True, the FSCIL path, and `:176-180` test);
+- `bilinear_crop`: bilinear resize of the short side to image_size*256/224, centre crop (torchvision's
+  Resize(256) + CenterCrop(224), `src/dataloader/cub200.py:97-101` training with iscl_all=True and `:127-131` test).
+  PILOT's eval transform is the same crop with bicubic resizing.
+
 `limit_per_class` (debug runs) keeps the first N samples per class of the base session and of the test sets; the
 few-shot picks are never cut. The chosen few-shot samples are recorded in `StreamInfo.extra["few_shot_indices"]`
 (indices into the training split), so a result names its exact shots.
@@ -51,6 +61,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from torch.utils.data import Dataset
+from torchvision.transforms import v2
 
 import scenarios as _scenarios
 from cl.errors import ConfigError, DatasetError
@@ -70,6 +81,7 @@ from scenarios.registry import get_loader, resolve_data_root
 from scenarios.subset import TargetSubset
 
 KIND = "fscil"
+RESIZES = ("pilot", "lanczos", "bilinear_crop")
 SESSION_FILE = "session_{}.txt"
 PROTOCOL_SOURCE = (
     "the CEC/FACT index lists: data/index_list/<dataset>/session_<k>.txt in icoz69/CEC-CVPR2021 "
@@ -166,6 +178,39 @@ def fscil(train: Dataset, test: Dataset, base_classes: int, ways: int, shots: in
                             seed=seed, name=name)
     extra = {"source": "generated", "seed": int(seed), "shots": int(shots), "sessions": int(sessions)}
     return from_sessions(train, test, idx, name=name, limit_per_class=limit_per_class, extra=extra)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input pipelines (`scenario.resize`)
+# ----------------------------------------------------------------------------------------------------------
+def resize_transform(mode: str, image_size: int) -> v2.Compose:
+    """The uint8 transform of a non-`pilot` `resize` mode (module docstring)."""
+    if mode == "lanczos":
+        steps = [v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.LANCZOS)]
+    elif mode == "bilinear_crop":
+        steps = [v2.Resize(int(image_size * 256 / 224), interpolation=v2.InterpolationMode.BILINEAR),
+                 v2.CenterCrop(image_size)]
+    else:
+        raise ConfigError(f"scenario.resize must be one of {', '.join(RESIZES)}, got {mode!r}")
+    return v2.Compose([*steps, v2.PILToTensor()])
+
+
+def apply_resize(datasets: Sequence[Dataset], mode: str, *, name: str = "fscil") -> None:
+    """Gives every dataset (CIFAR-100 / ImageFolder readers: `transform`, `image_size`, `augment`) the `resize`
+    mode's transform in place; `pilot` leaves them as read."""
+    if mode == "pilot":
+        return
+    if mode not in RESIZES:
+        raise ConfigError(f"{name}: scenario.resize must be one of {', '.join(RESIZES)}, got {mode!r}")
+    for ds in datasets:
+        if not all(hasattr(ds, a) for a in ("transform", "image_size", "augment")):
+            raise ConfigError(f"{name}: scenario.resize={mode} needs an image dataset that decodes and resizes its "
+                              f"images (cifar100, imagefolder); {type(ds).__name__} has no transform: use "
+                              "scenario.resize=pilot")
+        if getattr(ds, "train", False) and ds.augment != "none":
+            raise ConfigError(f"{name}: scenario.resize={mode} is FSA's whole input pipeline, without augmentation: "
+                              "set scenario.augment=none")
+        ds.transform = resize_transform(mode, int(ds.image_size))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,8 +348,8 @@ def build_fscil(cfg: Any, data_root: str | Path | None = None) -> Stream:
     """The `kind: fscil` stream a scenario config describes (`scenarios.build` dispatches here).
 
     Config (`scenario:`): `dataset`, `name`, `fscil: {base_classes, ways, shots, sessions, index_dir, seed}`,
-    `shuffle` (default false: natural class order), `class_order_seed`, `limit_per_class`, plus the dataset's own
-    fields. Names and numbers are checked before any data is read."""
+    `shuffle` (default false: natural class order), `class_order_seed`, `limit_per_class`, `resize` (default
+    `pilot`), plus the dataset's own fields. Names and numbers are checked before any data is read."""
     cfg = as_dict(cfg)
     dataset = get_str(cfg, "dataset")
     loader = get_loader(dataset)
@@ -321,6 +366,9 @@ def build_fscil(cfg: Any, data_root: str | Path | None = None) -> Stream:
     order_seed = get_int(cfg, "class_order_seed", _scenarios.DEFAULT_CLASS_ORDER_SEED)
     shuffle = get_bool(cfg, "shuffle", False)
     limit = get_int(cfg, "limit_per_class", None, minimum=1)
+    resize = get_str(cfg, "resize", "pilot")
+    if resize not in RESIZES:
+        raise ConfigError(f"{name}: scenario.resize must be one of {', '.join(RESIZES)}, got {resize!r}")
     if index_dir is None:
         missing = [k for k, v in fields.items() if v is None]
         if missing:
@@ -332,6 +380,7 @@ def build_fscil(cfg: Any, data_root: str | Path | None = None) -> Stream:
         folder = folder if folder.is_absolute() else root / folder
         check_index_dir(folder, fields["sessions"], name=name)
     data = loader({**cfg, "name": name}, root)
+    apply_resize((data.train, data.test), resize, name=name)
     if index_dir is None:
         targets = _targets(data.train, "train")
         n = _n_classes(name, data.train, targets, _targets(data.test, "test"))
