@@ -52,6 +52,12 @@ def config_hash(cfg: Mapping[str, Any], length: int = 16) -> str:
     clean = json.loads(json.dumps(cfg, default=str))
     for key in NON_SEMANTIC_KEYS:
         _drop(clean, key)
+    trainer = clean.get("trainer")
+    if isinstance(trainer, dict) and trainer.get("scheduler") != "multistep":
+        # the step schedule's settings act only under scheduler=multistep: elsewhere they would move every run's
+        # directory for nothing (runs from before the option keep theirs)
+        trainer.pop("milestones", None)
+        trainer.pop("gamma", None)
     blob = json.dumps(clean, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
