@@ -31,6 +31,7 @@ from .errors import BackboneError, ConfigError, RunInterrupted
 from .progress import matrix_table
 from .results import RunDir, config_hash, finished_indices
 from .trainer import History, NonFiniteLossError, Trainer, TrainerConfig, rng_state, seed_everything, set_rng_state
+from .trainer_config import check_values
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR2")
 
@@ -171,17 +172,12 @@ class StopSignals:
 
 def check_config(cfg: Mapping[str, Any]) -> TrainerConfig:
     """Everything that can be checked without reading data or building models; raises a one-line ConfigError."""
-    for section in ("strategy", "scenario", "backbone", "trainer"):
-        if not isinstance(cfg.get(section), Mapping):
-            raise ConfigError(f"the config has no '{section}' section: pick one with {section}=<name>")
+    tcfg = check_values(cfg)
     name, kind = cfg["strategy"].get("name"), cfg["scenario"].get("kind", "class_il")
     for field, value in (("strategy.name", name), ("scenario.kind", kind)):
         if not isinstance(value, str) or not value.isprintable() or not value.strip():
             raise ConfigError(f"{field} must be a name, got {value!r}")
     strategies.check_supported(name, kind)
-    seed = cfg.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
     policy = cfg["scenario"].get("bad_images", "fail")
     if policy not in BAD_IMAGE_POLICIES:
         close = difflib.get_close_matches(str(policy), BAD_IMAGE_POLICIES, n=1)
@@ -189,10 +185,7 @@ def check_config(cfg: Mapping[str, Any]) -> TrainerConfig:
         raise ConfigError(f"unknown scenario.bad_images {policy!r}{hint}: expected one of "
                           f"{', '.join(BAD_IMAGE_POLICIES)} (fail stops at the first damaged image; skip drops "
                           f"them and lists them in the result's data_warnings)")
-    root = cfg.get("results_root")
-    if root is not None and not isinstance(root, str):
-        raise ConfigError(f"results_root must be a folder path, got {root!r}")
-    return TrainerConfig.from_mapping({**cfg["trainer"]})
+    return tcfg
 
 
 def _deterministic_kernels(out) -> None:
@@ -421,6 +414,15 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
         run.dir.log_event("run_stopped", finished=done)
         return run.dir.result_path
     result = run.dir.read_result()
+    if result is None or result.get("status") != "finished":
+        # Every experience was checkpointed but result.json is missing or damaged (the reload above refused it):
+        # the last checkpoint's history holds the whole matrix and costs, so the result is rebuilt from it.
+        run.meta["strategy_info"] = dict(strategy.describe())
+        run.strategy_metrics = dict(getattr(strategy, "run_metrics", dict)())
+        run.dir.write_result(run.result(history, "finished"))
+        run.dir.log_event("result_rebuilt", from_checkpoint=True)
+        out(f"rebuilt {run.dir.result_path} from the checkpoints")
+        result = run.dir.read_result()
     run.dir.log_event("run_end", metrics=result["metrics"])
     out(matrix_table(history.acc_matrix))
     _print_summary(result, out)

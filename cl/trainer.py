@@ -16,14 +16,13 @@ batches skipped, optimiser, scheduler and RNG states restored.
 """
 from __future__ import annotations
 
-import difflib
 import math
 import random
 import resource
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -37,85 +36,7 @@ from .feature_cache import FeatureCache
 from .progress import progress_bar
 from .strategy import Batch, Strategy
 from .stream import Stream
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("cosine", "constant")
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-@dataclass
-class TrainerConfig:
-    epochs: int = 1
-    batch_size: int = 32
-    eval_batch_size: int = 256
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    scheduler: str = "cosine"
-    min_lr: float = 0.0
-    clip_grad_norm: float | None = None
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    device: str = "auto"
-    num_workers: int = 0
-    eval_future: bool = False
-    limit_train_batches: int | None = None
-    log_every: int = 10
-    progress: bool = True
-    stop_after: int | None = None  # stop (resumably) after this many experiences in this process
-    keep_checkpoints: int = 2
-    deterministic: bool = False  # torch.use_deterministic_algorithms (warn_only) + CUBLAS_WORKSPACE_CONFIG, for GPUs
-    feature_cache: bool = True  # encode each image once through a strategy's frozen_encoder (cl/feature_cache.py)
-    seed: int = 0
-
-    @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any]) -> "TrainerConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
-            hint = f" (did you mean 'trainer.{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown trainer field {unknown[0]!r}{hint}: valid fields are {', '.join(sorted(known))}")
-        values = {f.name: _check_field_type(f, cfg[f.name]) for f in fields(cls) if f.name in cfg}
-        tc = cls(**values)
-        for name, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("precision", PRECISIONS)):
-            value = getattr(tc, name)
-            if value not in choices:
-                close = difflib.get_close_matches(str(value), choices, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"unknown trainer.{name} {value!r}{hint}: expected one of {', '.join(choices)}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
-            if getattr(tc, name) < 1:
-                raise ConfigError(f"trainer.{name} must be at least 1, got {getattr(tc, name)}")
-        for name in ("limit_train_batches", "stop_after"):
-            if getattr(tc, name) is not None and getattr(tc, name) < 1:
-                raise ConfigError(f"trainer.{name} must be at least 1 or null, got {getattr(tc, name)}")
-        if tc.num_workers < 0 or tc.keep_checkpoints < 0:
-            raise ConfigError("trainer.num_workers and trainer.keep_checkpoints cannot be negative")
-        return tc
-
-
-_FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
-
-
-def _check_field_type(f, value: Any) -> Any:
-    """The value as the field's declared type (`int`, `float | None`, ...), or a one-line `ConfigError`."""
-    names = [t.strip() for t in str(f.type).split("|")]
-    optional = "None" in names
-    base = _FIELD_TYPES[next(t for t in names if t != "None")]
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"trainer.{f.name} cannot be null: give a {base.__name__}")
-    ok = (isinstance(value, bool) if base is bool else
-          isinstance(value, int) and not isinstance(value, bool) if base is int else
-          isinstance(value, (int, float)) and not isinstance(value, bool) if base is float else
-          isinstance(value, str))
-    if not ok:
-        kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[base]
-        raise ConfigError(f"trainer.{f.name} must be {kind}{' or null' if optional else ''}, got {value!r}")
-    return float(value) if base is float else value
-
+from .trainer_config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainerConfig  # noqa: F401  (re-exported)
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
