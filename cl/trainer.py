@@ -33,7 +33,7 @@ from .cache import model_input  # to_model_input, plus the image cache's device-
 from .data import make_loader, to_model_input
 from .errors import ConfigError, NonFiniteLossError, RunInterrupted  # noqa: F401  (re-exported)
 from .feature_cache import FeatureCache
-from .progress import progress_bar
+from .progress import progress_bar, set_experience, stop_checks
 from .strategy import Batch, Strategy
 from .stream import Stream
 from .trainer_config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainerConfig  # noqa: F401  (re-exported)
@@ -142,7 +142,14 @@ class Trainer:
             history.initial_accuracy, history.initial_task_il_accuracy = row, task_row
             history.test_counts = counts
         stop_at = n if self.cfg.stop_after is None else min(n, start + self.cfg.stop_after)
+        with stop_checks(self.should_stop, enabled=self.cfg.progress):
+            return self._fit_experiences(stream, strategy, history, start, stop_at, resume)
+
+    def _fit_experiences(self, stream: Stream, strategy: Strategy, history: History, start: int, stop_at: int,
+                         resume: Mapping[str, Any] | None) -> History:
+        n = len(stream)
         for i in range(start, stop_at):
+            set_experience(i)
             signal_name = self.should_stop()
             if signal_name:
                 raise RunInterrupted(signal_name, experience=i)
@@ -214,12 +221,15 @@ class Trainer:
                              seed=self.cfg.seed * 1000 + i, num_workers=self.cfg.num_workers,
                              pin_memory=self.device.type == "cuda")
         if strategy.uses_sgd:
+            loader.desc = None  # the SGD loop has its own bar and stop checks (with a resumable position)
             train_time, train_images = self._train_sgd(strategy, groups, loader, i, len(stream), exp.task_id,
                                                        resume=resume, t0=t0)
         else:
+            loader.desc = f"{strategy.name}: fit experience {i + 1}"
             t = time.perf_counter()
             strategy.fit_experience(exp, loader, self.device)
             train_time, train_images = time.perf_counter() - t, len(train_data)
+        loader.desc = f"{strategy.name}: end of experience {i + 1}"  # prototypes, statistics, merges
         strategy.end_experience(exp, loader)
         return train_time, train_images
 
@@ -355,7 +365,7 @@ class Trainer:
         Only the diagonal entry is defined: earlier domains are not revisited (CoTTA's protocol)."""
         exp = stream[index]
         loader = make_loader(exp.test, batch_size=self.cfg.batch_size, shuffle=False,
-                             num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda")
+                             num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda", desc=None)
         size, chans = strategy.backbone.input_size, strategy.backbone.in_chans
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         bar = progress_bar(total=len(loader), desc=f"adapt {index + 1}/{len(stream)}", enabled=self.cfg.progress)
@@ -394,7 +404,8 @@ class Trainer:
         correct = torch.zeros(len(exps), dtype=torch.long, device=self.device)
         correct_task = torch.zeros(len(exps), dtype=torch.long, device=self.device)
         loader = make_loader(union, batch_size=self.cfg.eval_batch_size, shuffle=False,
-                             num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda")
+                             num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
+                             desc=f"evaluate {len(exps)} experience(s)")
         size, chans = strategy.backbone.input_size, strategy.backbone.in_chans
         task_il = stream.info.kind == "task_il"
         cached = self._cached_features(strategy, exps)  # frozen encoder: each test image encoded once
