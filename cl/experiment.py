@@ -28,6 +28,7 @@ import strategies
 from scenarios.imagefolder import BAD_IMAGE_POLICIES, bad_images_policy
 from . import backbones, metrics
 from .errors import BackboneError, ConfigError, RunInterrupted
+from .frozen_refs import FrozenReference
 from .progress import matrix_table
 from .results import RunDir, config_hash, finished_indices
 from .trainer import History, NonFiniteLossError, Trainer, TrainerConfig, rng_state, seed_everything, set_rng_state
@@ -306,6 +307,7 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
         stream = scenarios.build(cfg["scenario"], data_root=data_root)
     backbone = _build_backbone(cfg["backbone"])
     strategy = strategies.build(cfg["strategy"], backbone, stream.info)
+    frozen = FrozenReference(strategy, backbone.weights_id)  # checkpoints reference what stays as built
     trainer = Trainer(tcfg, log=run.dir.log_event)
     trainer.should_stop = stop
     warnings = []
@@ -341,7 +343,7 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
     history, start = History(), 0
     ckpt = run.dir.load_latest_checkpoint(warn=out)
     if ckpt is not None:
-        strategy.load_state_dict(ckpt["strategy"])
+        strategy.load_state_dict(frozen.restore(ckpt["strategy"], ckpt.get("frozen")))
         history = History.from_state(ckpt["history"])
         set_rng_state(ckpt["rng"])
         start = int(ckpt["next_experience"])
@@ -356,7 +358,8 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
     resume = None
     if partial is not None:
         history = History.from_state(partial["history"])
-        resume = partial["train"]
+        resume = dict(partial["train"])
+        resume["strategy"] = frozen.restore(resume["strategy"], resume.pop("frozen", None))
         out(f"resuming run {run.run_id} inside experience {start + 1}/{len(stream)} at epoch {resume['epoch']}, "
             f"after batch {resume['batch']} (from checkpoints/partial.pt)")
         run.dir.log_event("run_resumed", next_experience=start, epoch=int(resume["epoch"]),
@@ -370,7 +373,8 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
         f"({len(stream)} experiences, {stream.info.n_classes} classes) on {trainer.device}")
 
     def on_experience_end(i: int, strat, hist: History) -> None:
-        run.dir.save_checkpoint(i, {"strategy": strat.state_dict(), "history": hist.to_state(),
+        changed, refs = frozen.split(strat.state_dict())
+        run.dir.save_checkpoint(i, {"strategy": changed, "frozen": refs, "history": hist.to_state(),
                                     "rng": rng_state(), "next_experience": i + 1}, keep=tcfg.keep_checkpoints)
         run.dir.remove_partial()  # the experience is complete: its own checkpoint supersedes the partial one
         status = "finished" if i + 1 == len(stream) else "partial"
@@ -402,6 +406,8 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
         run.dir.log_event("run_failed", **run.failure)
         raise
     except RunInterrupted as exc:
+        if exc.state is not None:
+            exc.state["strategy"], exc.state["frozen"] = frozen.split(exc.state["strategy"])
         _record_interruption(run, exc, history, len(stream))
         stop.chain()  # under submitit: its checkpoint-and-requeue hook, now that the state is on disk
         raise
