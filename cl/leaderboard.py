@@ -304,6 +304,11 @@ def write_plots(results: list[dict], table: pd.DataFrame, out: Path) -> list[Pat
                         xerr=0 if pd.isna(row["total_wall_s_std"]) else row["total_wall_s_std"], fmt="o", capsize=3,
                         label=" | ".join(str(row[k]) for k in KEYS))
         ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 10 20 50 100 ...: plain, uncrowded
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("wall time per run (s, log scale), mean ± sample std over seeds")
         ax.set_ylabel("last accuracy %")
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
