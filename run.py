@@ -34,9 +34,8 @@ def _main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from cl.errors import EXIT_INTERRUPTED, ClbenchError, RunInterrupted
-    from cl.experiment import run_experiment
-    from cl.trainer import NonFiniteLossError
+    from cl.errors import EXIT_INTERRUPTED, ClbenchError, ConfigError, NonFiniteLossError, RunInterrupted
+    from cl.trainer_config import check_values
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
@@ -47,9 +46,10 @@ def _main(cfg: DictConfig) -> None:
         container, message = None, explain_config_error(exc, sys.argv[1:])
     try:
         if container is None:
-            from cl.errors import ConfigError
-
             raise ConfigError(message)
+        check_values(container)  # every value error before torch, timm and the strategies are imported
+        from cl.experiment import run_experiment
+
         path = run_experiment(container)
     except RunInterrupted as exc:
         # Stop the whole sweep too: the signal was meant for this process.

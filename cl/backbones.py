@@ -11,6 +11,7 @@ randomly initialised model and says so in the result (`weights_id`).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -81,11 +82,34 @@ class Backbone(nn.Module):
 
 
 def file_digest(path: Path) -> str:
+    """sha256 of a weights file, cached by (absolute path, size, modification time) in
+    `$CLBENCH_CACHE` (default ~/.cache/clbench)/file_digests.json, so a 343 MB file is not re-read at every start;
+    a file rewritten in place gets a new mtime and is hashed again."""
+    path = Path(path)
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = Path(os.environ.get("CLBENCH_CACHE", Path.home() / ".cache" / "clbench")) / "file_digests.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache, dict) and isinstance(cache.get(key), str):
+        return cache[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    try:  # a cache that cannot be written only costs the next start a re-read
+        cache = {k: v for k, v in (cache if isinstance(cache, dict) else {}).items() if not k.startswith(f"{path.resolve()}|")}
+        cache[key] = digest
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass
+    return digest
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

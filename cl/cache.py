@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -175,8 +176,11 @@ def build_image_cache(paths: Sequence[str], image_size: int, cache_size: int | N
             full = rgb.resize((cache_size, cache_size), Image.BILINEAR)
             trains[i] = np.asarray(full).transpose(2, 0, 1)
 
+    from .progress import watch
+
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2)) as pool:
-        list(pool.map(one, range(n)))
+        for _ in watch(pool.map(one, range(n)), desc="building the image cache", total=n, unit="image"):
+            pass
     evals.flush()
     if trains is not None:
         trains.flush()
@@ -190,20 +194,51 @@ def build_image_cache(paths: Sequence[str], image_size: int, cache_size: int | N
     return ImageCache(folder, n, image_size, cache_size)
 
 
-def attach_image_cache(datasets: Sequence, cfg: dict) -> None:
-    """`scenario.image_cache: true`: every ImageFolder dataset among `datasets` reads from a decode-once cache
-    (training arrays only for those that augment). Other datasets are already uint8 in memory: left alone."""
+IMAGE_CACHE_MODES = (False, True, "exact")
+
+
+def _estimate_gb(n: int, image_size: int, cache_size: int | None) -> float:
+    return n * 3 * (image_size ** 2 + (cache_size or 0) ** 2) / 1e9
+
+
+def attach_image_cache(datasets: Sequence, cfg: dict, log=None) -> None:
+    """`scenario.image_cache`: ImageFolder datasets among `datasets` read from a decode-once cache.
+
+    - `exact` (the ImageFolder benchmarks' default): every image the model sees through the evaluation transform
+      (test sets, prototype and statistics passes over training data) comes from the cache, byte for byte what the
+      file path gives; augmented training images are still decoded from the files, so nothing changes but speed.
+    - `true`: training crops come from the cache too (`device_augment`; the one departure: crops are resampled
+      from the S x S copy), opt-in.
+    - `false`: no cache.
+    The cache is skipped with a one-line warning when it would exceed `scenario.image_cache_max_gb` (default 50)."""
     enabled = cfg.get("image_cache", False)
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"scenario.image_cache must be true or false, got {enabled!r}")
+    if enabled not in IMAGE_CACHE_MODES or isinstance(enabled, int) and not isinstance(enabled, bool):
+        raise ConfigError(f"scenario.image_cache must be true or false or exact, got {enabled!r}")
     if not enabled:
         return
     size = cfg.get("image_cache_size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ConfigError(f"scenario.image_cache_size must be a positive integer or null, got {size!r}")
+    budget = cfg.get("image_cache_max_gb", 50)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+        raise ConfigError(f"scenario.image_cache_max_gb must be a positive number, got {budget!r}")
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    plans = []
     for ds in datasets:
         paths = [p for p, _ in getattr(ds, "samples", [])]
         if not paths or not hasattr(ds, "image_size"):
             continue
         augmenting = ds.train and ds.augment == "pilot"
-        ds.cache = build_image_cache(paths, ds.image_size, (size or 2 * ds.image_size) if augmenting else None)
+        train_size = (size or 2 * ds.image_size) if augmenting and enabled is True else None
+        plans.append((ds, paths, train_size))
+    need = sum(_estimate_gb(len(p), ds.image_size, t) for ds, p, t in plans)
+    if need > budget:
+        log(f"warning: the image cache would take {need:.1f} GB, above scenario.image_cache_max_gb={budget}: "
+            f"reading the image files instead (raise the budget, or set scenario.image_cache=false to silence this)")
+        return
+    for ds, paths, train_size in plans:
+        folder = cache_root() / _key(paths, ds.image_size, train_size)
+        reused = (folder / "done").exists()
+        ds.cache = build_image_cache(paths, ds.image_size, train_size)
+        log(f"image cache: {folder} ({len(paths)} images, {_estimate_gb(len(paths), ds.image_size, train_size):.2f} "
+            f"GB, {'reused' if reused else 'built'}; CLBENCH_CACHE_DIR moves it)")

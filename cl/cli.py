@@ -12,6 +12,22 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _register_resolvers() -> None:
+    """`${clbench_slurm:CPUS}` in configs/hydra/launcher/slurm.yaml: a Slurm request that fits the partition."""
+    from omegaconf import OmegaConf
+
+    def slurm(name: str) -> int:
+        from .slurm import fitted
+
+        return fitted(name)
+
+    if not OmegaConf.has_resolver("clbench_slurm"):
+        OmegaConf.register_new_resolver("clbench_slurm", slurm)
+
+
+_register_resolvers()
 CHECKED_GROUPS = ("strategy", "scenario", "backbone", "trainer", "debug", "experiment", "logger")
 
 

@@ -10,11 +10,29 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 
+class WatchedLoader(DataLoader):
+    """A DataLoader whose passes go through `cl.progress.watch` (a bar after a few seconds, and the run's stop
+    check between batches) while `desc` is set. The trainer clears `desc` on the loader its SGD loop drives (that
+    loop has its own bar and stop checks), and names the phase when it hands the loader to a strategy."""
+
+    desc: str | None = "data pass"
+
+    def __iter__(self):
+        it = super().__iter__()
+        if self.desc is None:
+            return it
+        from .progress import watch
+
+        return watch(it, desc=self.desc, total=len(self))
+
+
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
-                pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
-    """A loader whose order depends only on `seed`: resuming at an experience boundary replays it exactly."""
+                pin_memory: bool = False, drop_last: bool = False, desc: str | None = "data pass") -> DataLoader:
+    """A loader whose order depends only on `seed`: resuming at an experience boundary replays it exactly.
+
+    Its passes are watched (progress bar, stop signal) under the name `desc`; `desc=None` iterates plainly."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(
+    loader = WatchedLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
@@ -24,6 +42,8 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int =
         drop_last=drop_last and len(dataset) > batch_size,
         persistent_workers=False,
     )
+    loader.desc = desc
+    return loader
 
 
 class WithExtras(Dataset):

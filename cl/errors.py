@@ -50,9 +50,10 @@ class RunInterrupted(Exception):
     """
 
     def __init__(self, signal_name: str, experience: int, epoch: int | None = None, batch: int | None = None,
-                 state: dict | None = None):
+                 state: dict | None = None, phase: str | None = None):
         self.signal_name, self.experience, self.epoch, self.batch = signal_name, experience, epoch, batch
         self.state = state
+        self.phase = phase  # a pass outside the SGD steps (statistics, evaluation, ...): the experience restarts
         self.checkpoint: str | None = None
         self.run_dir: str | None = None
         super().__init__(signal_name)
@@ -64,6 +65,9 @@ class RunInterrupted(Exception):
         if self.epoch is not None:
             where = f"in experience {self.experience + 1}{of} (index {self.experience}), epoch {self.epoch}, " \
                     f"after batch {self.batch}"
+        elif self.phase is not None:
+            where = f"in experience {self.experience + 1}{of} (index {self.experience}) during {self.phase}, which " \
+                    f"restarts from the experience's beginning"
         else:
             where = f"before experience {self.experience + 1}{of} (index {self.experience})"
         saved = f"state saved to {self.checkpoint}" if self.checkpoint else "nothing to save yet"

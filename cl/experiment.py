@@ -28,9 +28,11 @@ import strategies
 from scenarios.imagefolder import BAD_IMAGE_POLICIES, bad_images_policy
 from . import backbones, metrics
 from .errors import BackboneError, ConfigError, RunInterrupted
+from .frozen_refs import FrozenReference
 from .progress import matrix_table
 from .results import RunDir, config_hash, finished_indices
 from .trainer import History, NonFiniteLossError, Trainer, TrainerConfig, rng_state, seed_everything, set_rng_state
+from .trainer_config import check_values
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR2")
 
@@ -171,17 +173,12 @@ class StopSignals:
 
 def check_config(cfg: Mapping[str, Any]) -> TrainerConfig:
     """Everything that can be checked without reading data or building models; raises a one-line ConfigError."""
-    for section in ("strategy", "scenario", "backbone", "trainer"):
-        if not isinstance(cfg.get(section), Mapping):
-            raise ConfigError(f"the config has no '{section}' section: pick one with {section}=<name>")
+    tcfg = check_values(cfg)
     name, kind = cfg["strategy"].get("name"), cfg["scenario"].get("kind", "class_il")
     for field, value in (("strategy.name", name), ("scenario.kind", kind)):
         if not isinstance(value, str) or not value.isprintable() or not value.strip():
             raise ConfigError(f"{field} must be a name, got {value!r}")
     strategies.check_supported(name, kind)
-    seed = cfg.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
     policy = cfg["scenario"].get("bad_images", "fail")
     if policy not in BAD_IMAGE_POLICIES:
         close = difflib.get_close_matches(str(policy), BAD_IMAGE_POLICIES, n=1)
@@ -189,10 +186,7 @@ def check_config(cfg: Mapping[str, Any]) -> TrainerConfig:
         raise ConfigError(f"unknown scenario.bad_images {policy!r}{hint}: expected one of "
                           f"{', '.join(BAD_IMAGE_POLICIES)} (fail stops at the first damaged image; skip drops "
                           f"them and lists them in the result's data_warnings)")
-    root = cfg.get("results_root")
-    if root is not None and not isinstance(root, str):
-        raise ConfigError(f"results_root must be a folder path, got {root!r}")
-    return TrainerConfig.from_mapping({**cfg["trainer"]})
+    return tcfg
 
 
 def _deterministic_kernels(out) -> None:
@@ -313,6 +307,7 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
         stream = scenarios.build(cfg["scenario"], data_root=data_root)
     backbone = _build_backbone(cfg["backbone"])
     strategy = strategies.build(cfg["strategy"], backbone, stream.info)
+    frozen = FrozenReference(strategy, backbone.weights_id)  # checkpoints reference what stays as built
     trainer = Trainer(tcfg, log=run.dir.log_event)
     trainer.should_stop = stop
     warnings = []
@@ -348,7 +343,7 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
     history, start = History(), 0
     ckpt = run.dir.load_latest_checkpoint(warn=out)
     if ckpt is not None:
-        strategy.load_state_dict(ckpt["strategy"])
+        strategy.load_state_dict(frozen.restore(ckpt["strategy"], ckpt.get("frozen")))
         history = History.from_state(ckpt["history"])
         set_rng_state(ckpt["rng"])
         start = int(ckpt["next_experience"])
@@ -363,7 +358,8 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
     resume = None
     if partial is not None:
         history = History.from_state(partial["history"])
-        resume = partial["train"]
+        resume = dict(partial["train"])
+        resume["strategy"] = frozen.restore(resume["strategy"], resume.pop("frozen", None))
         out(f"resuming run {run.run_id} inside experience {start + 1}/{len(stream)} at epoch {resume['epoch']}, "
             f"after batch {resume['batch']} (from checkpoints/partial.pt)")
         run.dir.log_event("run_resumed", next_experience=start, epoch=int(resume["epoch"]),
@@ -377,7 +373,8 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
         f"({len(stream)} experiences, {stream.info.n_classes} classes) on {trainer.device}")
 
     def on_experience_end(i: int, strat, hist: History) -> None:
-        run.dir.save_checkpoint(i, {"strategy": strat.state_dict(), "history": hist.to_state(),
+        changed, refs = frozen.split(strat.state_dict())
+        run.dir.save_checkpoint(i, {"strategy": changed, "frozen": refs, "history": hist.to_state(),
                                     "rng": rng_state(), "next_experience": i + 1}, keep=tcfg.keep_checkpoints)
         run.dir.remove_partial()  # the experience is complete: its own checkpoint supersedes the partial one
         status = "finished" if i + 1 == len(stream) else "partial"
@@ -409,6 +406,8 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
         run.dir.log_event("run_failed", **run.failure)
         raise
     except RunInterrupted as exc:
+        if exc.state is not None:
+            exc.state["strategy"], exc.state["frozen"] = frozen.split(exc.state["strategy"])
         _record_interruption(run, exc, history, len(stream))
         stop.chain()  # under submitit: its checkpoint-and-requeue hook, now that the state is on disk
         raise
@@ -421,6 +420,15 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
         run.dir.log_event("run_stopped", finished=done)
         return run.dir.result_path
     result = run.dir.read_result()
+    if result is None or result.get("status") != "finished":
+        # Every experience was checkpointed but result.json is missing or damaged (the reload above refused it):
+        # the last checkpoint's history holds the whole matrix and costs, so the result is rebuilt from it.
+        run.meta["strategy_info"] = dict(strategy.describe())
+        run.strategy_metrics = dict(getattr(strategy, "run_metrics", dict)())
+        run.dir.write_result(run.result(history, "finished"))
+        run.dir.log_event("result_rebuilt", from_checkpoint=True)
+        out(f"rebuilt {run.dir.result_path} from the checkpoints")
+        result = run.dir.read_result()
     run.dir.log_event("run_end", metrics=result["metrics"])
     out(matrix_table(history.acc_matrix))
     _print_summary(result, out)

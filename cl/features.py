@@ -15,7 +15,7 @@ def extract_features(encode: Callable[[torch.Tensor], torch.Tensor], dataset: Da
                      input_size: int, in_chans: int, batch_size: int = 256, autocast_dtype=None,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """`encode` over every sample of `dataset` (eval transform, fixed order) -> (features fp32, labels)."""
-    loader = make_loader(eval_view(dataset), batch_size=batch_size, shuffle=False)
+    loader = make_loader(eval_view(dataset), batch_size=batch_size, shuffle=False, desc="feature extraction")
     feats, labels = [], []
     for x, y in loader:
         x = to_model_input(x, input_size, in_chans, device)

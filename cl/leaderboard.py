@@ -12,8 +12,16 @@ import pandas as pd
 KEYS = ["strategy", "scenario", "backbone"]
 # headline metric per scenario kind: tta shows mean error, forgetting kinds show H, union_label (X-TAIL) its
 # transfer / average / last (their own KIND_METRICS)
-ACCURACY_METRICS = ["avg_incremental_acc", "last_acc", "forgetting", "mean_error", "h_mean", "transfer", "average",
-                    "last"]
+ACCURACY_METRICS = ["avg_incremental_acc", "last_acc", "forgetting", "bwt", "mean_error", "h_mean", "transfer",
+                    "average", "last"]
+# Column headers as papers write them (Markdown/HTML, and LaTeX); the CSV keeps the code identifiers.
+SYMBOLS = {"avg_incremental_acc": "Ā", "last_acc": "A<sub>last</sub>", "forgetting": "F", "bwt": "BWT",
+           "mean_error": "mean error", "h_mean": "H", "transfer": "Transfer", "average": "Average", "last": "Last",
+           "total_wall_s": "wall (s)", "train_images_per_s": "train img/s", "peak_memory_mb": "peak MB",
+           "trainable_params": "trainable params"}
+LATEX_SYMBOLS = {**SYMBOLS, "avg_incremental_acc": r"$\bar{A}$", "last_acc": r"$A_\mathrm{last}$",
+                 "forgetting": r"$F$", "h_mean": r"$H$"}
+SPREAD_NOTE = "mean ± sample standard deviation (n − 1 in the denominator) over n seeds; one seed shows no spread"
 COST_COLUMNS = ["total_wall_s", "train_images_per_s", "peak_memory_mb", "trainable_params"]
 
 
@@ -64,10 +72,11 @@ def _paper_text(paper: dict | None) -> str:
 
 
 def summary_table(results: list[dict], presets: dict[str, dict] | None = None) -> pd.DataFrame:
-    """Mean +- std over seeds per (strategy, scenario, backbone), finished runs only; `n` seeds.
+    """Mean ± sample std (ddof=1) over seeds per (strategy, scenario, backbone), finished runs only; `n` seeds.
 
     `presets` maps a preset name to {strategy, scenario, backbone, paper}: each gets a row, "not run" when no
-    result matches it, and its paper numbers in the `paper` column."""
+    result matches it, and its paper numbers in the `paper` column. Rows that ran come first, then the presets
+    not run."""
     df = runs_frame([r for r in results if r.get("status") == "finished"])
     papers = {}
     for r in results:
@@ -78,7 +87,7 @@ def summary_table(results: list[dict], presets: dict[str, dict] | None = None) -
     for c in cols:
         num[c] = pd.to_numeric(num[c], errors="coerce")
     g = num.groupby(KEYS, dropna=False)
-    mean, std, n = g.mean(), g.std(ddof=0), g.size()
+    mean, std, n = g.mean(), g.std(ddof=1), g.size()  # the sample std: seeds are a sample of the method's runs
     table = pd.DataFrame(index=mean.index)
     table["n"] = n
     for c in cols:
@@ -95,7 +104,9 @@ def summary_table(results: list[dict], presets: dict[str, dict] | None = None) -
         else:
             table.loc[len(table)] = {**dict(zip(KEYS, key)), "n": 0, "paper": _paper_text(p.get("paper")),
                                      "status": "not run"}
-    return table.sort_values(KEYS).reset_index(drop=True)
+    table["_not_run"] = table["status"] == "not run"
+    return table.sort_values(["_not_run", "scenario", "backbone", "strategy"]).drop(columns="_not_run") \
+        .reset_index(drop=True)
 
 
 def _fmt(mean, std, digits=2) -> str:
@@ -116,6 +127,26 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     out["paper"] = table["paper"]
     out.loc[table["status"] == "not run", "n"] = "not run"
     return out
+
+
+def with_symbols(df: pd.DataFrame, symbols: dict[str, str] = SYMBOLS) -> pd.DataFrame:
+    """The display table with the papers' column names (Ā, A_last, F, BWT, ...)."""
+    return df.rename(columns=symbols)
+
+
+def to_latex(df: pd.DataFrame) -> str:
+    """A booktabs table (`\\usepackage{booktabs}`), the papers' symbols as headers, ± as $\\pm$."""
+    def esc(v) -> str:
+        text = "" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v)
+        for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
+            text = text.replace(a, b)
+        return text.replace(" ± ", r" $\pm$ ")
+    cols = [LATEX_SYMBOLS.get(c, esc(c)) for c in df.columns]
+    spec = "l" * len(KEYS) + "r" * (len(df.columns) - len(KEYS))
+    lines = [r"\begin{tabular}{" + spec + "}", r"\toprule", " & ".join(cols) + r" \\", r"\midrule"]
+    lines += [" & ".join(esc(v) for v in row) + r" \\" for row in df.itertuples(index=False)]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines)
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -144,9 +175,55 @@ def accuracy_curves(results: list[dict]) -> dict[str, list[float]]:
     return out
 
 
+def _seen_curve(result: dict) -> list[float]:
+    rows = result.get("acc_matrix") or []
+    out = []
+    for i, row in enumerate(rows):
+        seen = [v for v in row[: i + 1] if v is not None]
+        out.append(sum(seen) / len(seen) if seen else float("nan"))
+    return out
+
+
+def curve_bands(results: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """Per (scenario, backbone), per strategy: the seen-accuracy curve's mean and sample std over seeds, and n."""
+    import numpy as np
+
+    grouped: dict[tuple, dict[str, list[list[float]]]] = {}
+    for r in results:
+        curve = _seen_curve(r)
+        if curve:
+            grouped.setdefault((r.get("scenario"), r.get("backbone")), {}).setdefault(r.get("strategy"), []).append(curve)
+    out: dict[tuple, dict[str, dict]] = {}
+    for key, by_strategy in grouped.items():
+        for name, curves in by_strategy.items():
+            k = min(map(len, curves))
+            a = np.array([c[:k] for c in curves], dtype=float)
+            std = a.std(axis=0, ddof=1) if len(a) > 1 else np.zeros(k)
+            out.setdefault(key, {})[name] = {"mean": a.mean(axis=0).tolist(), "std": std.tolist(), "n": len(a)}
+    return out
+
+
+def chance_curve(result: dict) -> list[float] | None:
+    """Chance accuracy on the seen classes after each experience (class- and few-shot-incremental streams: 100 /
+    classes seen); None where chance is not one number per stage."""
+    stream = result.get("stream") or {}
+    per = stream.get("classes_per_experience")
+    if stream.get("kind") not in ("class_il", "fscil") or not per:
+        return None
+    seen, out = 0, []
+    for classes in per:
+        seen += len(classes)
+        out.append(100.0 / seen if seen else float("nan"))
+    return out
+
+
+UPPER_BOUND = "joint"  # the strategy drawn as the upper bound when it ran on the same stream
+
+
 def write_plots(results: list[dict], table: pd.DataFrame, out: Path) -> list[Path]:
-    """Heat maps of each group's accuracy matrix (first seed), accuracy-after-each-experience curves, and
-    last accuracy against wall time; each as PNG and SVG. Returns the PNG paths."""
+    """Accuracy matrices (first seed of each group, a grid of at most 4 columns), seen-accuracy curves per
+    (scenario, backbone) with a band of ± one sample std over seeds, the chance level and the upper bound, and last
+    accuracy against wall time; each as PNG and SVG. Returns the PNG paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,69 +234,108 @@ def write_plots(results: list[dict], table: pd.DataFrame, out: Path) -> list[Pat
 
     def save(fig, name):
         for ext in ("png", "svg"):
-            fig.savefig(out / f"{name}.{ext}", bbox_inches="tight", dpi=100)
+            fig.savefig(out / f"{name}.{ext}", bbox_inches="tight", dpi=110)
         plt.close(fig)
         pngs.append(out / f"{name}.png")
 
     finished = [r for r in results if r.get("status") == "finished" and r.get("acc_matrix")]
-    firsts: dict[str, dict] = {}
+    firsts: dict[tuple, dict] = {}
     for r in sorted(finished, key=lambda r: (r.get("seed") is None, r.get("seed"))):
-        firsts.setdefault(" | ".join(str(r.get(k)) for k in KEYS), r)
+        firsts.setdefault(tuple(r.get(k) for k in ("scenario", "backbone", "strategy")), r)
     if firsts:
         n = len(firsts)
-        fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2), squeeze=False)
-        for k, (ax, (name, r)) in enumerate(zip(axes[0], sorted(firsts.items()))):
+        cols = min(4, n)
+        rows = -(-n // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.5 * rows), squeeze=False)
+        for k, ax in enumerate(axes.flat):
+            if k >= n:
+                ax.axis("off")
+                continue
+            (scenario, backbone, strategy), r = sorted(firsts.items(), key=lambda kv: tuple(map(str, kv[0])))[k]
             m = [[float("nan") if v is None else v for v in row] for row in r["acc_matrix"]]
             im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
-            ax.set_title(name.replace(" | ", "\n") + f"\n(seed {r.get('seed')})", fontsize=7)
-            ax.set_xticks(range(len(m[0]) if m else 0))
-            ax.set_yticks(range(len(m)))
-            ax.set_xlabel("evaluated on experience")
-            if k == 0:  # one shared label: repeated ones run into the neighbouring panel
-                ax.set_ylabel("after training experience")
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy %")
+            ax.set_title(f"{strategy}\n{scenario} · {backbone} · seed {r.get('seed')}", fontsize=9)
+            size = len(m[0]) if m else 0
+            step = max(1, size // 8)  # at most ~8 tick labels per axis
+            ax.set_xticks(range(0, size, step))
+            ax.set_yticks(range(0, len(m), step))
+            if k % cols == 0:
+                ax.set_ylabel("after training on")
+            if k // cols == rows - 1 or k + cols >= n:
+                ax.set_xlabel("tested on experience")
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="accuracy %")
         save(fig, "acc_matrices")
-    curves = accuracy_curves(finished)
-    if curves:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, c in sorted(curves.items()):
-            ax.plot(range(1, len(c) + 1), c, marker="o", label=name)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_xlabel("experiences trained")
-        ax.set_ylabel("accuracy on seen experiences %")
-        ax.legend(fontsize=7)
+    bands = curve_bands(finished)
+    if bands:
+        keys = sorted(bands, key=lambda k: tuple(map(str, k)))
+        cols = min(3, len(keys))
+        rows = -(-len(keys) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+        for ax, key in zip(axes.flat, keys):
+            for name, b in sorted(bands[key].items()):
+                x = list(range(1, len(b["mean"]) + 1))
+                lo = [m - s for m, s in zip(b["mean"], b["std"])]
+                hi = [m + s for m, s in zip(b["mean"], b["std"])]
+                style = {"color": "black", "linestyle": "--"} if name == UPPER_BOUND else {}
+                label = f"{name} (upper bound)" if name == UPPER_BOUND else name
+                line, = ax.plot(x, b["mean"], marker="o", markersize=3, label=f"{label} (n={b['n']})", **style)
+                if b["n"] > 1:
+                    ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color(), linewidth=0)
+            sample = next(r for r in finished if (r.get("scenario"), r.get("backbone")) == key)
+            chance = chance_curve(sample)
+            if chance:
+                ax.plot(range(1, len(chance) + 1), chance, color="grey", linestyle=":", label="chance")
+            ax.set_title(f"{key[0]} · {key[1]}", fontsize=10)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_ylim(0, 100)
+            ax.set_xlabel("experiences trained")
+            ax.set_ylabel("accuracy on seen data %")
+            ax.legend(fontsize=7, loc="lower left")
+        for ax in list(axes.flat)[len(keys):]:
+            ax.axis("off")
+        fig.suptitle("band: ± one sample std over seeds", fontsize=8, y=1.0)
         save(fig, "acc_curves")
     run = table[table["status"] == "run"].dropna(subset=["last_acc_mean", "total_wall_s_mean"])
     if len(run):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
         for _, row in run.iterrows():
-            ax.errorbar(row["total_wall_s_mean"], row["last_acc_mean"], yerr=row["last_acc_std"],
-                        xerr=row["total_wall_s_std"], fmt="o", capsize=3,
+            ax.errorbar(row["total_wall_s_mean"], row["last_acc_mean"],
+                        yerr=0 if pd.isna(row["last_acc_std"]) else row["last_acc_std"],
+                        xerr=0 if pd.isna(row["total_wall_s_std"]) else row["total_wall_s_std"], fmt="o", capsize=3,
                         label=" | ".join(str(row[k]) for k in KEYS))
-        ax.set_xlabel("wall time per run (s), mean ± std over seeds")
+        ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 10 20 50 100 ...: plain, uncrowded
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("wall time per run (s, log scale), mean ± sample std over seeds")
         ax.set_ylabel("last accuracy %")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
         save(fig, "acc_vs_cost")
     return pngs
 
 
 def write_leaderboard(results: list[dict], out: Path, presets: dict[str, dict] | None = None) -> dict[str, Path]:
-    """Writes leaderboard.md/.csv/.html (plots embedded) and the plots under `out`."""
+    """Writes leaderboard.md/.csv/.html/.tex (plots embedded in the HTML) and the plots under `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = summary_table(results, presets)
     shown = display_table(table)
     table.to_csv(out / "leaderboard.csv", index=False)
-    md = to_markdown(shown)
+    md = to_markdown(with_symbols(shown)) + f"\n\n{SPREAD_NOTE}."
     failed = [r for r in results if r.get("status") not in ("finished", None)]
     if failed:
         md += "\n\nUnfinished runs:\n" + "\n".join(
             f"- {r.get('strategy')} {r.get('scenario')} seed {r.get('seed')}: {r.get('status')}"
             f"{' (' + str(r.get('failure')) + ')' if r.get('failure') else ''} [{r['_path']}]" for r in failed)
     (out / "leaderboard.md").write_text(md + "\n")
+    (out / "leaderboard.tex").write_text(f"% {SPREAD_NOTE}\n" + to_latex(shown) + "\n")
     pngs = write_plots(results, table, out)
     imgs = "".join(f'<h2>{p.stem}</h2><img src="{p.name}">' for p in pngs)
     (out / "leaderboard.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>clbench leaderboard</title></head><body>"
-        f"<h1>clbench leaderboard</h1>{shown.to_html(index=False)}{imgs}</body></html>\n")
-    return {"md": out / "leaderboard.md", "csv": out / "leaderboard.csv", "html": out / "leaderboard.html"}
+        f"<h1>clbench leaderboard</h1>{with_symbols(shown).to_html(index=False, escape=False)}"
+        f"<p>{SPREAD_NOTE}.</p>{imgs}</body></html>\n")
+    return {"md": out / "leaderboard.md", "csv": out / "leaderboard.csv", "html": out / "leaderboard.html",
+            "tex": out / "leaderboard.tex"}

@@ -1,9 +1,60 @@
-"""Console output: a live bar per experience (tqdm, on stderr) and the accuracy-matrix table (rich)."""
+"""Console output: a live bar per experience (tqdm, on stderr) and the accuracy-matrix table (rich); and the one
+mechanism that makes every other long pass visible and interruptible.
+
+`watch(iterable, desc)` is used by every data pass that is not an SGD step loop: evaluation, feature extraction,
+prototype and class-statistics passes, a strategy's own loops (through `cl.data.make_loader`, which returns a
+loader that watches itself). It shows a bar once the pass has run for `BAR_DELAY_S` seconds (short passes stay
+silent) and polls the run's stop check between items, so a SIGTERM is honoured within one batch in every phase,
+not only between optimiser steps: it raises `RunInterrupted(phase=desc)`, and the experience restarts from its
+last checkpoint when the same command runs again.
+"""
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from tqdm.auto import tqdm
+
+from .errors import RunInterrupted
+
+T = TypeVar("T")
+BAR_DELAY_S = 3.0
+_watch = {"stop": None, "experience": 0, "enabled": True}
+
+
+@contextmanager
+def stop_checks(stop: Callable[[], str | None], enabled: bool = True):
+    """While inside: `watch` polls `stop` and shows bars (unless `enabled` is false, trainer.progress=false)."""
+    previous = dict(_watch)
+    _watch.update(stop=stop, enabled=enabled)
+    try:
+        yield
+    finally:
+        _watch.update(previous)
+
+
+def set_experience(index: int) -> None:
+    """The experience a stop inside a watched pass is reported for."""
+    _watch["experience"] = index
+
+
+def watch(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "batch") -> Iterator[T]:
+    stop = _watch["stop"]
+    bar = (tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False,
+                delay=BAR_DELAY_S) if _watch["enabled"] else None)
+    try:
+        for item in iterable:
+            if stop is not None:
+                name = stop()
+                if name:
+                    raise RunInterrupted(name, experience=_watch["experience"], phase=desc)
+            yield item
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 class _NullBar:

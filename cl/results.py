@@ -35,7 +35,9 @@ NON_SEMANTIC_KEYS = ("results_root", "data_root", "hydra", "trainer.progress", "
                      # is recorded in the result's `data_warnings` (the hash never covers the data's content).
                      "scenario.bad_images",
                      # MOS's T test-time passes in one batch or T: the same predictions and stored sets (tested)
-                     "strategy.batched_eval")
+                     "strategy.batched_eval",
+                     # a disk budget for the image cache: whether it is used, never what is computed
+                     "scenario.image_cache_max_gb")
 
 
 def _drop(cfg: dict, dotted: str) -> None:
@@ -58,6 +60,11 @@ def config_hash(cfg: Mapping[str, Any], length: int = 16) -> str:
         # directory for nothing (runs from before the option keep theirs)
         trainer.pop("milestones", None)
         trainer.pop("gamma", None)
+    scenario = clean.get("scenario")
+    if isinstance(scenario, dict) and scenario.get("image_cache") in (False, "exact", None):
+        # exact: the same tensors as reading the files (cl/cache.py): a speed setting, like no cache at all
+        scenario.pop("image_cache", None)
+        scenario.pop("image_cache_size", None)
     blob = json.dumps(clean, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 

@@ -174,7 +174,11 @@ class ImageFolderDataset(PilotTransformed):
         path, label = self.samples[i]
         if self.cache is not None:
             augmenting = self.train and self.augment == "pilot"
-            return (self.cache.train_item(i) if augmenting else self.cache.eval_item(i)), int(label)
+            if not augmenting:
+                return self.cache.eval_item(i), int(label)
+            if self.cache.train_array is not None:  # image_cache=true: crops from the cached copy
+                return self.cache.train_item(i), int(label)
+            # image_cache=exact: augmented crops are still taken from the file, as the reference does
         try:
             with Image.open(path) as image:
                 rgb = image.convert("RGB")

@@ -14,6 +14,9 @@ Lines (each carries the word `ratio`):
   and its ratio to the forward ceiling, seconds per experience, the whole run's wall time, peak memory.
 - `mos-eval`: MOS's T-set test-time inference on one evaluation batch, sequential (T backbone passes) vs batched
   across the adapter sets (one pass over a T x batch; strategies/mos.py), T = the stream's number of tasks.
+- `loader`: the evaluation loader's images/s over an ImageFolder tree of JPEGs (made here: ImageNet-R-sized
+  400 x 300 images on the GPU settings, 96 x 72 with --cpu), reading the files vs the decode-once cache
+  (`scenario.image_cache=exact`, the ImageFolder benchmarks' default; the cache's one-off build is timed apart).
 - `compile` (with --compile): the ceiling step with `torch.compile` on forward + loss, vs eager; compile time apart.
 - `ema-kernel`: the fused mean-teacher update (csrc/, EMA + restore p = 0.01) against its best PyTorch reference
   (one flat lerp + torch.rand restore) on a flat buffer of ViT-B/16's size (86M; --cpu: ViT-Ti/16's 5.7M), when the
@@ -246,6 +249,49 @@ def compiled_ceiling(backbone_cfg: dict, batch: int, steps: int, device: torch.d
     return eager, comp, compile_s
 
 
+def loader_speed(s: dict, folder: Path, n: int) -> tuple[float, float, float]:
+    """(files images/s, cached images/s, build seconds) for the test transform over `n` generated JPEGs."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from cl import cache
+    from cl.data import make_loader
+    from scenarios.imagefolder import ImageFolderDataset
+
+    w, h = (96, 72) if s["size"] <= 64 else (400, 300)
+    rng = np.random.default_rng(0)
+    index = {}
+    for c in range(4):
+        (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
+        index[f"c{c}"] = []
+        for i in range(n // 4):
+            p = folder / f"c{c}" / f"{i}.jpg"
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p, quality=90)
+            index[f"c{c}"].append(str(p))
+    ds = ImageFolderDataset(folder, image_size=s["size"], train=False, index=index)
+
+    def rate(dataset) -> float:
+        t = time.perf_counter()
+        count = sum(len(y) for _, y in make_loader(dataset, batch_size=s["batch"], shuffle=False, desc=None))
+        return count / (time.perf_counter() - t)
+
+    files = rate(ds)
+    previous = os.environ.get("CLBENCH_CACHE_DIR")
+    os.environ["CLBENCH_CACHE_DIR"] = str(folder / "cache")  # a throwaway cache, not the user's
+    try:
+        t = time.perf_counter()
+        cache.attach_image_cache([ds], {"image_cache": "exact"}, log=lambda msg: None)
+        built = time.perf_counter() - t
+    finally:
+        if previous is None:
+            os.environ.pop("CLBENCH_CACHE_DIR")
+        else:
+            os.environ["CLBENCH_CACHE_DIR"] = previous
+    return files, rate(ds), built
+
+
 def main(argv=None, out=print) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu", action="store_true", help="test size on the CPU (vit-tiny, small stream)")
@@ -289,6 +335,10 @@ def main(argv=None, out=print) -> int:
             out(f"{name:9s} {where}, {s['tasks']} tasks: {train} | eval {r['eval_ips']:.1f} images/s  ratio "
                 f"{r['eval_ips'] / ceil_fwd:.2f} | {r['s_per_exp']:.2f} s/experience | whole run {r['wall']:.1f} s | "
                 f"peak memory {r['mem']:.0f} MB ({r['mem_kind']}) | last accuracy {r['last_acc']:.1f}%")
+        n_images = 64 if args.cpu else 512
+        files, cached, built = loader_speed(s, Path(tmp) / "images", n_images)
+        out(f"loader    eval transform, {n_images} JPEGs, batch {s['batch']}: files {files:.0f} images/s | image cache "
+            f"{cached:.0f} images/s  ratio {cached / files:.2f} (one-off build {built:.1f} s, not in the ratio)")
     if "mos" in args.strategies.split(","):
         seq, bat, n_sets = mos_eval(s, device)
         out(f"mos-eval  {where}, {n_sets} adapter sets, one batch: sequential {seq * 1e3:.0f} ms | batched "

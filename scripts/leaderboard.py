@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Leaderboard from result.json files: `python scripts/leaderboard.py PATH... [--out DIR]`.
 
-Writes DIR/leaderboard.{md,csv,html} and the plots (png, svg); every preset in configs/experiment without a
-result gets a "not run" row with its paper number."""
+Writes DIR/leaderboard.{md,csv,html,tex} and the plots (png, svg). Real results only by default; `--presets` adds
+a "not run" row with the paper's number for every preset in configs/experiment that has no result yet (after the
+rows that ran)."""
 from __future__ import annotations
 
 import argparse
@@ -37,13 +38,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("paths", nargs="+")
     ap.add_argument("--out", default="results/leaderboard")
-    ap.add_argument("--no-presets", action="store_true", help="do not add 'not run' rows for presets")
+    ap.add_argument("--presets", action="store_true",
+                    help="add a 'not run' row (with the paper's number) for every preset without a result")
+    ap.add_argument("--no-presets", action="store_true", help=argparse.SUPPRESS)  # the old default; kept for scripts
     a = ap.parse_args(argv)
     results = find_results(a.paths)
     if not results:
         print(f"no result.json under {' '.join(a.paths)}", file=sys.stderr)
         return 2
-    presets = {} if a.no_presets else load_presets(ROOT / "configs" / "experiment")
+    presets = load_presets(ROOT / "configs" / "experiment") if a.presets and not a.no_presets else {}
     files = write_leaderboard(results, Path(a.out), presets)
     print(files["md"].read_text())
     print(f"wrote {Path(a.out).resolve()}")

@@ -39,13 +39,13 @@ def expand(overrides: list[str]) -> list[list[str]]:
 
 
 def slurm_parameters(env=os.environ) -> dict:
-    """submitit's Slurm parameters from CLBENCH_SLURM_* (defaults as in configs/hydra/launcher/slurm.yaml)."""
-    def num(name, default):
-        return int(env.get(f"CLBENCH_SLURM_{name}", default))
+    """submitit's Slurm parameters from CLBENCH_SLURM_* (defaults as in configs/hydra/launcher/slurm.yaml: CPUs and
+    memory capped by the partition's largest node, cl/slurm.py)."""
+    from cl.slurm import fitted
 
-    params = {"slurm_gpus_per_node": num("GPUS", 0), "slurm_cpus_per_task": num("CPUS", 4),
-              "slurm_mem_gb": num("MEM_GB", 16), "timeout_min": num("TIME_MIN", 240),
-              "slurm_array_parallelism": num("ARRAY_PARALLELISM", 64), "slurm_signal_delay_s": 120,
+    params = {"slurm_gpus_per_node": fitted("GPUS", env), "slurm_cpus_per_task": fitted("CPUS", env),
+              "slurm_mem_gb": fitted("MEM_GB", env), "timeout_min": fitted("TIME_MIN", env),
+              "slurm_array_parallelism": fitted("ARRAY_PARALLELISM", env), "slurm_signal_delay_s": 120,
               "name": "clbench"}
     for name in ("PARTITION", "ACCOUNT", "QOS"):
         if env.get(f"CLBENCH_SLURM_{name}"):
@@ -97,6 +97,10 @@ def status(folder: Path) -> list[dict]:
     for entry in manifest["jobs"]:
         job = submitit.SlurmJob(folder=str(folder / "%j"), job_id=entry["job_id"])
         row = {"job_id": entry["job_id"], "overrides": " ".join(entry["overrides"]), "state": job.state}
+        if row["state"] == "PENDING":
+            from cl.slurm import why_pending
+
+            row["why"] = why_pending(entry["job_id"])
         if job.done():
             try:
                 row["result"] = job.result()
@@ -120,10 +124,12 @@ def main(argv=None) -> int:
     if a.status:
         rows = status(Path(a.status))
         for r in rows:
-            extra = r.get("error") or r.get("result") or ""
+            extra = r.get("error") or r.get("why") or r.get("result") or ""
             print(f"{r['job_id']:>12}  {r['state']:<10} {r['overrides']}  {extra}")
         failed = sum(r["state"] == "failed" for r in rows)
-        print(f"{len(rows)} jobs: {sum(r['state'] == 'finished' for r in rows)} finished, {failed} failed")
+        pending = sum(r["state"] == "PENDING" for r in rows)
+        print(f"{len(rows)} jobs: {sum(r['state'] == 'finished' for r in rows)} finished, {failed} failed"
+              + (f", {pending} pending" if pending else ""))
         return 1 if failed else 0
     if not a.overrides:
         ap.error("give the run.py overrides of the sweep, e.g. strategy=finetune,simplecil seed=0,1")

@@ -13,9 +13,10 @@ def test_bench_cpu_subset_prints_ratios():
     lines = []
     assert bench.main(["--cpu", "--strategies", "simplecil", "--ceiling-steps", "2", "--no-kernel"],
                       out=lines.append) == 0
-    assert len(lines) == 2 and all("ratio" in line for line in lines)
+    assert len(lines) == 3 and all("ratio" in line for line in lines)
     assert lines[0].startswith("ceiling") and "images/s" in lines[0]
     assert lines[1].startswith("simplecil") and "s/experience" in lines[1] and "peak memory" in lines[1]
+    assert lines[2].startswith("loader") and "image cache" in lines[2]
 
 
 def test_bench_mos_eval_times_both_paths():

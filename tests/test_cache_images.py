@@ -102,7 +102,7 @@ def test_eval_items_are_byte_identical_and_train_items_augment(tmp_path):
 def test_bad_settings_are_one_line_errors(tmp_path):
     from cl.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="image_cache must be true or false"):
+    with pytest.raises(ConfigError, match="image_cache must be true or false or exact"):
         image_cache.attach_image_cache([], {"image_cache": "yes"})
     with pytest.raises(ConfigError, match="use at least 32"):
         image_cache.build_image_cache([], image_size=32, cache_size=16)
@@ -112,13 +112,16 @@ def test_bad_settings_are_one_line_errors(tmp_path):
 def test_same_accuracy_with_and_without_the_cache(tmp_path, compose, run_quiet, strategy):
     root = _tree(tmp_path / "tree")
     results = []
-    for on in ("false", "true"):
+    for on in ("false", "true", "exact"):
         cfg = compose(f"strategy={strategy}", "scenario=imagefolder", "backbone=vit-tiny", f"scenario.root={root}",
                       "scenario.n_classes=4", "scenario.init_cls=2", "scenario.increment=2", "scenario.image_size=32",
-                      "trainer.epochs=1", "trainer.batch_size=10", f"+scenario.image_cache={on}")
+                      "trainer.epochs=1", "trainer.batch_size=10", f"++scenario.image_cache={on}")
+        cfg["results_root"] = str(tmp_path / f"runs-{on}")  # exact shares false's run id: run it afresh
         path, _ = run_quiet(cfg)
         results.append(json.loads(path.read_text()))
-    plain, cached = (r["acc_matrix"] for r in results)
+    plain, cached, exact = (r["acc_matrix"] for r in results)
+    assert exact == plain  # image_cache=exact (the ImageFolder benchmarks' default) changes nothing but speed
+    assert results[2]["run_id"] == results[0]["run_id"]  # and so it keeps the run's directory
     if strategy == "simplecil":  # no augmentation: the eval arrays are the reference's bytes
         assert cached == plain
     else:

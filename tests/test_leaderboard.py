@@ -30,11 +30,12 @@ def test_mean_std_over_seeds_and_costs():
     t = summary_table([fake("ewc", 0, 40.0, 50.0), fake("ewc", 1, 60.0, 70.0, wall=20.0),
                        fake("ewc", 2, 0.0, 0.0, status="failed")])  # a failed run is not averaged
     row = t.iloc[0]
-    assert row["n"] == 2 and row["last_acc_mean"] == 50.0 and row["last_acc_std"] == 10.0
+    # the sample std (ddof=1): sqrt(((40-50)^2 + (60-50)^2) / (2 - 1)) = 14.14
+    assert row["n"] == 2 and row["last_acc_mean"] == 50.0 and row["last_acc_std"] == pytest.approx(200 ** 0.5)
     assert row["avg_incremental_acc_mean"] == 60.0 and row["total_wall_s_mean"] == 15.0
     assert row["train_images_per_s_mean"] == 200.0 and row["peak_memory_mb_mean"] == 70.0
     assert row["trainable_params_mean"] == 9
-    assert display_table(t).iloc[0]["last_acc"] == "50.00 ± 10.00"
+    assert display_table(t).iloc[0]["last_acc"] == "50.00 ± 14.14"
 
 
 def test_slash_names_side_by_side_and_paper_and_not_run():
@@ -44,7 +45,7 @@ def test_slash_names_side_by_side_and_paper_and_not_run():
                                "mos_c": {"strategy": "mos", "scenario": "c", "backbone": "b",
                                          "paper": {"last_acc": 90.0}}})
     d = display_table(t).set_index("strategy")
-    assert list(d.index) == ["avalanche/ewc", "lae", "mos"]
+    assert list(d.index) == ["avalanche/ewc", "lae", "mos"]  # what ran first, then the presets not run
     assert d.loc["lae", "paper"] == "last_acc 85.15" and d.loc["avalanche/ewc", "paper"] == ""
     assert d.loc["mos", "n"] == "not run" and d.loc["mos", "paper"] == "last_acc 90.0"
     assert "avalanche/ewc" in to_markdown(display_table(t))
@@ -55,7 +56,7 @@ def test_kind_headline_metrics_mean_error_and_h():
                        fake("tent", 1, 0, 0, kind_metrics={"mean_error": 40.0}),
                        fake("unl", 0, 0, 0, kind_metrics={"h_mean": 55.0})])
     d = display_table(t).set_index("strategy")
-    assert d.loc["tent", "mean_error"] == "35.00 ± 5.00" and d.loc["unl", "h_mean"] == "55.00"
+    assert d.loc["tent", "mean_error"] == "35.00 ± 7.07" and d.loc["unl", "h_mean"] == "55.00"
 
 
 def test_union_label_metrics_and_their_paper_figures():
@@ -100,11 +101,11 @@ def sweep(tmp_path_factory):
 
 def test_leaderboard_cli_from_a_sweep(sweep, tmp_path):
     out = tmp_path / "lb"
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "leaderboard.py"), str(sweep), "--out", str(out)],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "leaderboard.py"), str(sweep), "--out", str(out),
+                        "--presets"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.html", "acc_matrices.png", "acc_curves.png",
-                 "acc_vs_cost.png", "acc_matrices.svg"):
+    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.html", "leaderboard.tex", "acc_matrices.png",
+                 "acc_curves.png", "acc_vs_cost.png", "acc_matrices.svg"):
         assert (out / name).stat().st_size > 0, name
     md = (out / "leaderboard.md").read_text()
     # native and Avalanche strategies side by side; the presets have no result here: "not run" beside the paper
@@ -112,6 +113,13 @@ def test_leaderboard_cli_from_a_sweep(sweep, tmp_path):
         assert f"| {name} | digits | resnet-tiny | 2 |" in md, md
     not_run = [line for line in md.splitlines() if "| not run |" in line]
     assert not_run and all(line.rstrip(" |").rsplit("|", 1)[-1].strip() for line in not_run)  # a paper cell
+    lines = md.splitlines()
+    assert max(i for i, line in enumerate(lines) if "| 2 |" in line) < min(i for i, line in enumerate(lines)
+                                                                             if "| not run |" in line)
+    assert "| Ā | A<sub>last</sub> | F | BWT |" in md and "sample standard deviation" in md
+    tex = (out / "leaderboard.tex").read_text()
+    assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex and r"$\bar{A}$" in tex
+    assert r"avalanche/naive & digits & resnet-tiny & 2" in tex and r"$\pm$" in tex
     html = (out / "leaderboard.html").read_text()
     assert '<img src="acc_curves.png">' in html and "avalanche/naive" in html
     import pandas as pd
@@ -126,3 +134,25 @@ def test_leaderboard_cli_from_a_sweep(sweep, tmp_path):
     simple = [r["metrics"]["last_acc"] for r in runs if r["strategy"] == "simplecil"]
     row = ran[ran["strategy"] == "simplecil"].iloc[0]
     assert row["last_acc_mean"] == pytest.approx(sum(simple) / 2)
+
+
+def test_without_presets_only_real_results(sweep, tmp_path):
+    out = tmp_path / "lb"
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "leaderboard.py"), str(sweep), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    md = (out / "leaderboard.md").read_text()
+    assert "not run" not in md and md.count("| digits | resnet-tiny | 2 |") == 3
+
+
+def test_curve_bands_and_chance():
+    from cl.leaderboard import chance_curve, curve_bands
+
+    runs = [fake("a", 0, 40.0, 0), fake("a", 1, 60.0, 0)]
+    b = curve_bands(runs)[("s", "b")]["a"]
+    # after experience 2 the seen means are (60+40)/2 = 50 and (60+60)/2 = 60: mean 55, sample std sqrt(50) = 7.07
+    assert b["n"] == 2 and b["mean"] == [80.0, 55.0] and b["std"][0] == 0.0
+    assert b["std"][1] == pytest.approx(50 ** 0.5)
+    r = {"stream": {"kind": "class_il", "classes_per_experience": [[0, 1], [2, 3], [4]]}}
+    assert chance_curve(r) == [50.0, 25.0, 20.0]
+    assert chance_curve({"stream": {"kind": "tta"}}) is None

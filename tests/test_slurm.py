@@ -66,6 +66,10 @@ def slurm_cluster(tmp_path_factory):
     assert down.returncode == 0, down.stderr
 
 
+def _without_slurm_settings() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("CLBENCH_SLURM_") or k == "CLBENCH_SLURM_STATE"}
+
+
 def _wait_for_run_line(submitit: Path, strategy: str, proc: subprocess.Popen, timeout: float) -> str:
     """The Slurm job id (`<array>_<task>`) whose log says the run of `strategy` started training."""
     end = time.time() + timeout
@@ -84,7 +88,9 @@ def test_multirun_on_slurm_with_requeue_and_leaderboard(slurm_cluster, tmp_path)
     from cl.leaderboard import find_results, write_leaderboard
 
     runs, sweep = tmp_path / "runs", tmp_path / "sweep"  # fresh: job ids restart after a purge (stale pickles)
-    env = {**os.environ, "CLBENCH_SLURM_CPUS": "1", "CLBENCH_SLURM_MEM_GB": "1",
+    # The launcher's own CPU and memory defaults (capped by what the partition offers, cl/slurm.py): a default that
+    # asked for more than the one-node cluster has would leave the jobs PENDING for ever.
+    env = {**_without_slurm_settings(),
            # >= 13 min so that submitit calls a USR2 "pre-emption", not a time-out (it counts those)
            "CLBENCH_SLURM_TIME_MIN": "20", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=slurm", "strategy=simplecil,finetune",
@@ -135,7 +141,7 @@ def test_submit_returns_at_once_and_status_names_the_failure(slurm_cluster, tmp_
     """scripts/submit.py: the array is submitted and the command returns while the jobs run; `--status` later says
     which job finished and which failed, with its one-line error (a bad value only the run's own check catches)."""
     folder = tmp_path / "submit"
-    env = {**os.environ, "CLBENCH_SLURM_CPUS": "1", "CLBENCH_SLURM_MEM_GB": "1", "CLBENCH_SLURM_TIME_MIN": "20"}
+    env = {**_without_slurm_settings(), "CLBENCH_SLURM_TIME_MIN": "20"}  # the README's submission, defaults
     script = str(ROOT / "scripts" / "submit.py")
     t0 = time.time()
     p = subprocess.run([sys.executable, script, "--folder", str(folder), "strategy=simplecil", "scenario=digits",
@@ -161,3 +167,28 @@ def test_submit_returns_at_once_and_status_names_the_failure(slurm_cluster, tmp_
     failed = next(line for line in s.stdout.splitlines() if " failed " in line)
     assert "bad_images=skp" in failed and "unknown scenario.bad_images 'skp'" in failed, failed
     assert (tmp_path / "runs").is_dir() and len(list((tmp_path / "runs").glob("*/result.json"))) == 1
+
+
+def test_status_says_why_a_job_waits_and_the_fix(slurm_cluster, tmp_path):
+    """A job that asks for more CPUs than the node has: `--status` names the reason and the variables that fix it."""
+    folder = tmp_path / "submit"
+    env = {**_without_slurm_settings(), "CLBENCH_SLURM_CPUS": "64", "CLBENCH_SLURM_TIME_MIN": "20"}
+    script = str(ROOT / "scripts" / "submit.py")
+    p = subprocess.run([sys.executable, script, "--folder", str(folder), "strategy=simplecil", "scenario=digits",
+                        "debug=fast", f"results_root={tmp_path / 'runs'}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    if p.returncode != 0:
+        # Some Slurm configurations refuse an impossible request at submission: then that refusal is the answer.
+        assert "CPU" in p.stderr or "cpu" in p.stderr, p.stdout + p.stderr
+        return
+    ids = [j["job_id"] for j in json.loads((folder / "sweep.json").read_text())["jobs"]]
+    try:
+        time.sleep(3)  # the scheduler's first pass sets the reason
+        s = subprocess.run([sys.executable, script, "--status", str(folder)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        line = next(line for line in s.stdout.splitlines() if ids[0] in line)
+        assert "PENDING" in line and "waits (" in line, s.stdout + s.stderr
+        assert "asks 64 CPUs" in line and "CLBENCH_SLURM_CPUS=" in line, line
+        assert "1 pending" in s.stdout
+    finally:
+        subprocess.run(["scancel", *ids], timeout=30)

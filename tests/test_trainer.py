@@ -256,3 +256,28 @@ def test_a_failed_run_keeps_its_finished_experiences(compose, run_quiet, monkeyp
     result = json.loads(RunDir(cfg_["results_root"], config_hash(cfg_)).result_path.read_text())
     assert result["status"] == "failed" and len(result["acc_matrix"]) == 2
     assert result["failure"]["type"] == "non_finite_loss" and result["failure"]["experience"] == 2
+
+
+def test_a_lone_last_sample_is_dropped_where_batchnorm_would_refuse_it():
+    """`python run.py seed=1` on digits: an experience whose training set is 1 more than a multiple of the batch
+    size trained a batch of one sample through the ResNet's BatchNorm, which torch refuses."""
+    from cl.strategy import Strategy as Base
+
+    class BNNet(Base):
+        def setup(self, backbone, info):
+            super().setup(backbone, info)
+            self.net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4))
+
+        def begin_experience(self, exp):
+            return [{"params": list(self.net.parameters())}]
+
+        def train_step(self, batch):
+            return F.cross_entropy(self.net(batch.x.flatten(1)), batch.y)
+
+        def predict(self, x, task_id=None):
+            return self.net(x.flatten(1))
+
+    strategy = BNNet()
+    stream = toy_stream()  # 8 training samples per experience
+    strategy.setup(Identity(), stream.info)
+    Trainer(TrainerConfig(batch_size=7, progress=False, device="cpu")).fit(stream, strategy)  # 8 = 7 + 1
