@@ -16,8 +16,9 @@ each view's statistics (unbiased variance), in view order, and `num_batches_trac
 passes would leave. CoTTA's and PSMT's modules keep no running statistics (reference `configure_model`:
 `track_running_stats = False`, `running_mean = None`), so there nothing is updated, as in the reference.
 
-The normalisation is plain tensor algebra (one `var_mean` reduction and one fused multiply-add per BN), so
-autograd differentiates it (PSMT's student runs its plain and augmented batches through it). Other layers of the
+Two exact implementations (`impl`): the native kernel once per view chunk (CPU default), or one `var_mean`
+reduction and one fused multiply-add per BN (CUDA default); both are differentiable (PSMT's student runs its
+plain and augmented batches through it). Other layers of the
 model must be per-sample (convs, linear, LayerNorm/GroupNorm): anything else that mixes samples is not split.
 """
 from __future__ import annotations
@@ -40,25 +41,40 @@ def _updates_running_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
     return bn.training and bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None
 
 
-def viewwise_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, views: int) -> torch.Tensor:
-    """`bn(x)` with each of the `views` consecutive chunks of x's batch normalised by its own statistics."""
+IMPLS = ("auto", "loop", "fused")
+
+
+def viewwise_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, views: int,
+                        impl: str = "auto") -> torch.Tensor:
+    """`bn(x)` with each of the `views` consecutive chunks of x's batch normalised by its own statistics.
+
+    impl "loop": the native batch-norm kernel once per chunk (contiguous slices), outputs concatenated; running
+    statistics updated by the kernel, chunk after chunk, exactly as V passes. "fused": one `var_mean` reduction
+    over [V, B, C, HW] and one multiply-add (x * scale + shift, PyTorch's own CPU formula). "auto": fused on
+    CUDA (2 kernels per BN instead of 2V launches), loop elsewhere (the native CPU kernel is the faster there)."""
     if views == 1 or not _uses_batch_stats(bn):
         return type(bn).forward(bn, x)
     if x.dim() < 2 or x.shape[0] % views:
         raise ValueError(f"viewwise_bn: a batch of {x.shape[0]} is not {views} equal views; stack the views "
                          "along the batch dimension (view v = rows v*B..(v+1)*B)")
+    if impl == "auto":
+        impl = "fused" if x.is_cuda else "loop"
+    if impl == "loop":
+        return torch.cat([type(bn).forward(bn, chunk) for chunk in x.chunk(views)])
+    if impl != "fused":
+        raise ValueError(f"viewwise_bn: impl must be one of {IMPLS}, got {impl!r}")
     n, c = x.shape[0] // views, x.shape[1]
     xv = x.reshape(views, n, c, -1)
     var, mean = torch.var_mean(xv, dim=(1, 3), unbiased=False, keepdim=True)  # [V, 1, C, 1]
     scale = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.view(1, 1, c, 1)
-    out = (xv - mean) * scale
+    shift = -mean * scale
     if bn.bias is not None:
-        out = out + bn.bias.view(1, 1, c, 1)
+        shift = shift + bn.bias.view(1, 1, c, 1)
     if _updates_running_stats(bn):
         _update_running_stats(bn, mean.detach(), var.detach(), xv.shape[1] * xv.shape[3])
-    return out.reshape(x.shape)
+    return torch.addcmul(shift, xv, scale).reshape(x.shape)
 
 
 @torch.no_grad()
@@ -74,14 +90,16 @@ def _update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, count: int)
 
 
 @contextlib.contextmanager
-def viewwise_bn(model: nn.Module, views: int):
+def viewwise_bn(model: nn.Module, views: int, impl: str = "auto"):
     """Within the block, every BatchNorm of `model` normalises `views` stacked views separately (module doc).
 
-    Works with `torch.func.functional_call(model, params, ...)` (the patched forward reads the module's current
+    impl: "auto" | "loop" | "fused" (`viewwise_batch_norm`). Works with `torch.func.functional_call(model, params, ...)` (the patched forward reads the module's current
     parameters). views == 1 changes nothing."""
     views = int(views)
     if views < 1:
         raise ValueError(f"viewwise_bn: views must be >= 1, got {views}")
+    if impl not in IMPLS:
+        raise ValueError(f"viewwise_bn: impl must be one of {IMPLS}, got {impl!r}")
     if views == 1:
         yield model
         return
@@ -90,7 +108,7 @@ def viewwise_bn(model: nn.Module, views: int):
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 patched.append((m, m.__dict__.get("forward")))
-                m.forward = types.MethodType(lambda self, x: viewwise_batch_norm(self, x, views), m)
+                m.forward = types.MethodType(lambda self, x: viewwise_batch_norm(self, x, views, impl), m)
         yield model
     finally:
         for m, old in patched:

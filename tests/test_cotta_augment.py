@@ -80,12 +80,13 @@ def _bn_net(track=False):
     return net.train()
 
 
-def test_viewwise_bn_equals_separate_passes_forward_and_backward():
+@pytest.mark.parametrize("impl", ["loop", "fused"])
+def test_viewwise_bn_equals_separate_passes_forward_and_backward(impl):
     v, b = 4, 6
     x = torch.randn(v * b, 3, 8, 8) * 2 + 1
     net = _bn_net()
     with torch.no_grad():  # fp32 forward: to 1e-5
-        with viewwise_bn(net, v):
+        with viewwise_bn(net, v, impl):
             one = net(x)
         assert torch.allclose(one, torch.cat([net(c) for c in x.chunk(v)]), atol=1e-5)
         assert not torch.allclose(net(x), one, atol=1e-3)  # outside the block: ordinary pooled statistics again
@@ -94,7 +95,7 @@ def test_viewwise_bn_equals_separate_passes_forward_and_backward():
     (sep ** 2).sum().backward()
     grads = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
-    with viewwise_bn(net, v):
+    with viewwise_bn(net, v, impl):
         one = net(x)
     (one ** 2).sum().backward()
     assert torch.allclose(one, sep, atol=1e-12)
@@ -102,7 +103,8 @@ def test_viewwise_bn_equals_separate_passes_forward_and_backward():
         assert torch.allclose(p.grad, g, atol=1e-10)
 
 
-def test_viewwise_bn_updates_running_stats_as_separate_passes():
+@pytest.mark.parametrize("impl", ["loop", "fused"])
+def test_viewwise_bn_updates_running_stats_as_separate_passes(impl):
     a, b = _bn_net(track=True), _bn_net(track=True)
     for m in (a, b):
         for bn in m.modules():
@@ -112,13 +114,13 @@ def test_viewwise_bn_updates_running_stats_as_separate_passes():
     with torch.no_grad():
         for c in x.chunk(3):
             a(c)
-        with viewwise_bn(b, 3):
+        with viewwise_bn(b, 3, impl):
             b(x)
     for (name, s), t in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(s.float(), t.float(), atol=1e-6), name
     with torch.no_grad():  # eval mode with running statistics: batch independent, unchanged by the block
         a.eval()
-        with viewwise_bn(a, 3):
+        with viewwise_bn(a, 3, impl):
             assert torch.allclose(a(x), torch.cat([a(c) for c in x.chunk(3)]), atol=1e-6)
 
 
