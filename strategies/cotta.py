@@ -22,7 +22,8 @@ per view (`torch.randperm(5)`, my_transforms.py:87), contrast and saturation aga
 (0.2989 R + 0.587 G + 0.114 B), gamma after clamping to [1e-8, 1]; edge padding by W/2 (image 2W), RandomAffine
 (±15°, translation up to 1/16 of the PADDED size, i.e. ±2W/16, whole pixels; scale 0.9-1.1; bilinear, zero fill),
 Gaussian blur (kernel 5, σ 0.001-0.5), centre crop W, horizontal flip p 0.5, Gaussian noise σ 0.005, clip [0, 1].
-Only the part of the padded image the crop and the blur read is computed (W+4 square). Compared to torchvision's
+Only the part of the padded image the crop and the blur read is computed (W+4 square), sampled from the
+unpadded image (edge padding = border sampling; the zero fill beyond the padded image as a weight). Compared to torchvision's
 functional ops with the same parameters in tests/test_cotta_augment.py. Remaining differences (docs/tta.md):
 the random draws come from torch's generator in a batched order (the reference: numpy/torch per call), so the
 same seed gives other views; the 32 views run only when c < p_th (the ImageNet code and mariodoebler; the CIFAR
@@ -112,21 +113,26 @@ def _jitter(v: torch.Tensor, op: str, f: torch.Tensor) -> torch.Tensor:
     return (v.clamp(1e-8, 1.0) ** fb).clamp(0, 1)  # gamma (my_transforms.py:112-114)
 
 
-def _affine_grid(p: dict, h: int, w: int, margin: int, dtype, device) -> torch.Tensor:
-    """Sampling grid [n, h+2m, w+2m, 2] into the padded image (2H x 2W) for the crop plus a blur margin:
-    torchvision's inverse affine map about the image centre, `grid_sample` coordinates (align_corners=False)."""
-    ph, pw = h + 2 * (h // 2), w + 2 * (w // 2)
-    top, left = h // 2 - margin, w // 2 - margin  # the crop's first row/column in the padded image, less margin
-    ys = torch.arange(h + 2 * margin, dtype=torch.float64) + top + 0.5 - ph / 2  # pixel centres, centred
-    xs = torch.arange(w + 2 * margin, dtype=torch.float64) + left + 0.5 - pw / 2
+def _affine_grid(p: dict, h: int, w: int, margin: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling grid [n, h+2m, w+2m, 2] for the crop plus a blur margin, and the zero-fill weight [n, h+2m,
+    w+2m]. torchvision's inverse affine map about the centre of the PADDED image (2H x 2W), sampled from the
+    unpadded image: inside the padded image, edge padding = `grid_sample(padding_mode="border")` of the image
+    itself; beyond its last pixel centres, bilinear sampling with zero fill (the reference's `fillcolor=None`)
+    fades to 0 over one pixel, which is the weight. So the padded image is never built."""
+    ph, pw, top, left = h + 2 * (h // 2), w + 2 * (w // 2), h // 2, w // 2
+    ys = torch.arange(h + 2 * margin, dtype=torch.float64) + top - margin + 0.5 - ph / 2  # pixel centres, centred
+    xs = torch.arange(w + 2 * margin, dtype=torch.float64) + left - margin + 0.5 - pw / 2
     rot = p["angle"] * math.pi / 180
-    cos, sin = torch.cos(rot) / p["scale"], torch.sin(rot) / p["scale"]
+    c = (torch.cos(rot) / p["scale"]).view(-1, 1, 1)
+    sn = (torch.sin(rot) / p["scale"]).view(-1, 1, 1)
     x = xs.view(1, 1, -1) - p["tx"].view(-1, 1, 1)
     y = ys.view(1, -1, 1) - p["ty"].view(-1, 1, 1)
-    c, sn = cos.view(-1, 1, 1), sin.view(-1, 1, 1)
-    gx = (c * x + sn * y) / (pw / 2)
-    gy = (-sn * x + c * y) / (ph / 2)
-    return torch.stack([gx, gy], -1).to(device=device, dtype=dtype)
+    u = c * x + sn * y + pw / 2 - 0.5  # source position in the padded image's pixel indices
+    v = -sn * x + c * y + ph / 2 - 0.5
+    weight = ((u + 1).minimum(pw - u).clamp(0, 1) * (v + 1).minimum(ph - v).clamp(0, 1))
+    gx = (2 * (u - left) + 1) / w - 1  # the same position in the unpadded image, grid_sample's coordinates
+    gy = (2 * (v - top) + 1) / h - 1
+    return (torch.stack([gx, gy], -1).to(device=device, dtype=dtype), weight.to(device=device, dtype=dtype))
 
 
 def _blur(v: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
@@ -159,11 +165,11 @@ def apply_views(x: torch.Tensor, p: dict, noise: torch.Tensor | None = None,
                 sel = torch.tensor(idx, device=v.device)
                 v = v.index_copy(0, sel, _jitter(v.index_select(0, sel), op, p[op][idx].to(v.device, v.dtype)))
     m = BLUR_KERNEL // 2
-    padded = F.pad(v.reshape(n * b, c, h, w), (w // 2, w // 2, h // 2, h // 2), mode="replicate")
-    grid = _affine_grid(p, h, w, m, v.dtype, v.device)  # [n, h+2m, w+2m, 2]
+    grid, fill = _affine_grid(p, h, w, m, v.dtype, v.device)  # [n, h+2m, w+2m, 2], [n, h+2m, w+2m]
     grid = grid.unsqueeze(1).expand(n, b, *grid.shape[1:]).reshape(n * b, *grid.shape[1:])
-    canvas = F.grid_sample(padded, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    v = _blur(canvas.view(n, b, c, h + 2 * m, w + 2 * m), p["sigma"], BLUR_KERNEL)
+    canvas = F.grid_sample(v.view(n * b, c, h, w), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    canvas = canvas.view(n, b, c, h + 2 * m, w + 2 * m) * fill.view(n, 1, 1, h + 2 * m, w + 2 * m)
+    v = _blur(canvas, p["sigma"], BLUR_KERNEL)
     flip = p["flip"].to(v.device).view(n, 1, 1, 1, 1)
     v = torch.where(flip, v.flip(-1), v).reshape(n * b, c, h, w)
     if noise is None:
