@@ -44,6 +44,9 @@ class Strategy(nn.Module):
     supports: tuple[str, ...] = ("class_il", "task_il", "domain_il")
     uses_sgd = True
     forward_passes_per_test_image = 1
+    # The batch size the trainer evaluates this strategy with; None: `trainer.eval_batch_size`. For a strategy
+    # whose scores depend on how the test set is batched (MOS's reference pulls rewrite state per test batch).
+    test_batch_size: int | None = None
 
     def __init__(self, **hparams: Any):
         super().__init__()

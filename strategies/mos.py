@@ -19,7 +19,7 @@ identical in LAMDA-PILOT. Algorithm, per experience t:
 
 Deliberate choices (see `pull`):
 - `pull: reference` (default) reproduces the code that produced the published numbers: the pull is applied
-  in place before *every block* of every forward pass with an adapter set k >= 1 (so ~13 pulls per training
+  before *every block* of every forward pass (reassigning `.data`, as the reference: see `pull`) with an adapter set k >= 1 (so ~13 pulls per training
   step: 12 forward + 1 after the step), also while computing the class statistics and at test time, where it
   overwrites the stored adapters k >= 1 toward the mean of adapters 0..k-1 on every test batch.
   `pull: clean` applies the pull described in the paper once after each optimiser step and never touches
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +50,7 @@ from cl.feature_cache import features_of
 from cl.features import class_gaussian
 from cl.heads import CosineLinear
 from cl.strategy import Batch, Strategy
+from scenarios.subset import TargetSubset
 
 PULL_MODES = ("reference", "clean")
 
@@ -98,7 +100,8 @@ class MOS(Strategy):
         self.register_buffer("cls2task", torch.full((c,), -1, dtype=torch.long))
         # Prefix sums of the stored adapters' parameters: sums[k] = sum of adapter sets 0..k.
         self.register_buffer("adapter_sums", torch.zeros(0, self._flat_size()))
-        self._pull_index: int | None = None  # which set the in-place pulls act on during a forward
+        self._pull_targets: dict = {}  # (index, m) -> m * sums[index-1] / index (cleared when the sums change)
+        self._pull_index: int | None = None  # which set the reference pulls act on during a forward
         self._pull_target: nn.ModuleList | None = None
         for block in self.blocks:
             block.register_forward_pre_hook(self._reference_pull_hook)
@@ -109,17 +112,27 @@ class MOS(Strategy):
     # --- the adapter pull ------------------------------------------------------------------------
     @torch.no_grad()
     def pull(self, adapters: nn.ModuleList, index: int) -> None:
-        """adapters <- (1 - m) adapters + m * mean(stored sets 0..index-1), in place (no-op for index 0)."""
+        """adapters <- (1 - m) adapters + m * mean(stored sets 0..index-1) (no-op for index 0).
+
+        Each parameter's `.data` is *reassigned a new tensor*, as the reference's `reweight_adapter` does
+        (AAAI25-MOS backbone/vit_mos.py:337-344, `w.data = (1 - m) * w.data + m * sum[idx-1] / idx`, the same
+        arithmetic in the same order). Why not in place: in reference mode the pull runs before every block of a
+        training forward, after earlier blocks have saved (views of) these weights for backward. A new tensor
+        leaves those saved tensors holding the values the forward used, so backward through block j uses the
+        weights pulled j + 1 times, as in the reference; an in-place update would make every block's backward
+        see the weights after the last pull (wrong gradients in all blocks but the last; issue 18, defect 1,
+        guarded by tests/test_reference_mos.py). Same values as the in-place form outside autograd."""
         m = self.h["adapter_momentum"]
         if m == 0 or index == 0:
             return
-        mean = self.adapter_sums[index - 1] / index
+        target = self._pull_targets.get((index, m))
+        if target is None or target.device != self.adapter_sums.device:
+            # m * sum[index-1] / index, in the reference's order: (m * sum) / idx
+            target = self._pull_targets[(index, m)] = (m * self.adapter_sums[index - 1]) / index
         offset = 0
         for p in adapters.parameters():
             n = p.numel()
-            # `.data`, as the reference: in reference mode this runs between blocks of a forward whose
-            # activations autograd has saved, and must not trip the in-place version check.
-            p.data.mul_(1 - m).add_(mean[offset: offset + n].view_as(p).to(p.dtype), alpha=m)
+            p.data = (1 - m) * p.data + target[offset: offset + n].view_as(p).to(p.dtype)
             offset += n
 
     def _reference_pull_hook(self, module, args) -> None:
@@ -132,7 +145,7 @@ class MOS(Strategy):
 
     def features(self, x: torch.Tensor, k: int | None = None, pulling: bool = False) -> torch.Tensor:
         """CLS features with adapter set k (None: the current, trainable set); `pulling` enables the
-        reference's in-place pulls during this forward."""
+        reference's per-block pulls during this forward."""
         adapters = self.cur_adapter if k is None or k >= len(self.adapter_list) else self.adapter_list[k]
         index = self._task() if k is None else k
         peft.set_mlp_adapters(self.backbone.model, list(adapters))
@@ -184,14 +197,32 @@ class MOS(Strategy):
         self._store_adapter()
         self.eval()
         new = torch.tensor(list(exp.classes), device=device)
-        # At t = 0 the current set is set 0 and the pull is a no-op: the same features as the prototypes' below,
-        # so with the trainer's feature cache they are computed once (issue 10).
-        feats, labels = self._extract(exp.train, k=None, pulling=True, device=device, key="set0" if t == 0 else None)
-        for c in new.tolist():
-            mean, cov = class_gaussian(feats[labels == c], self.h["ca_storage"])
-            self.cls_mean[c], self.cls_cov[c] = mean, cov
+        train_bs = loader.batch_size if loader is not None else None
+        if train_bs is not None:
+            self._train_batch_size = int(train_bs)
+        if self.h["pull"] == "reference":
+            # As the reference's `_compute_mean` (models/mos.py:201-216): class by class, in batches of 3 x the
+            # training batch size, with the current set pulled before every block of every batch, so each class's
+            # Gaussian is computed under the same sequence of adapter states as there.
+            stats_bs = 3 * (train_bs or self.h["eval_batch_size"])
+            if getattr(exp.train, "targets", None) is None:
+                raise ValueError("mos pull=reference computes class statistics class by class and needs the training "
+                                 "set's `targets` (scenarios/datasets.py); use strategy.pull=clean for this stream")
+            targets = np.asarray(exp.train.targets)
+            for c in list(exp.classes):
+                part = TargetSubset(exp.train, np.flatnonzero(targets == c))
+                feats = features_of(self, None, lambda x: self.features(x, k=None, pulling=True), part,
+                                    device=device, batch_size=stats_bs)[0]
+                self.cls_mean[c], self.cls_cov[c] = class_gaussian(feats, self.h["ca_storage"])
+        else:
+            # No pulls inside a forward: the batching cannot change the features. At t = 0 the current set is set
+            # 0, the same features as the prototypes' below, so the trainer's feature cache computes them once.
+            feats, labels = self._extract(exp.train, k=None, pulling=False, device=device,
+                                          key="set0" if t == 0 else None)
+            for c in new.tolist():
+                self.cls_mean[c], self.cls_cov[c] = class_gaussian(feats[labels == c], self.h["ca_storage"])
         if t > 0:
-            self.align_classifier(self.h["ca_samples_factor"] * (loader.batch_size if loader is not None else 16))
+            self.align_classifier(self.h["ca_samples_factor"] * (train_bs or 16))
         proto, plabels = self._extract(exp.train, k=0, pulling=False, device=device, key="set0")
         with torch.no_grad():
             for c in new.tolist():
@@ -204,6 +235,7 @@ class MOS(Strategy):
         flat = torch.cat([p.detach().flatten().float() for p in self.cur_adapter.parameters()])
         prev = self.adapter_sums[-1] if len(self.adapter_sums) else torch.zeros_like(flat)
         self.adapter_sums = torch.cat([self.adapter_sums, (prev + flat).unsqueeze(0)])
+        self._pull_targets.clear()
 
     def _extract(self, dataset, k, pulling, device, key=None):
         """Features of `dataset` under adapter set k; `key` names a frozen encoder (set 0 never changes after the
@@ -266,9 +298,21 @@ class MOS(Strategy):
             peft.set_mlp_adapters(self.backbone.model, list(self.cur_adapter))
         return list(out.split(b))
 
+    @property
+    def test_batch_size(self) -> int | None:  # type: ignore[override]
+        """The batch size the trainer evaluates with (cl/strategy.py). Reference mode: the training batch size,
+        as the reference's test loader (models/mos.py:91): the pulls rewrite the stored sets once per test batch,
+        so the scores depend on it. Clean mode: None (the trainer's `eval_batch_size`; scores do not depend on
+        it). Known from the first `end_experience` of this process; before it nothing is stored, nothing pulled."""
+        if self.h["pull"] != "reference":
+            return None
+        return getattr(self, "_train_batch_size", None)
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, task_id=None) -> torch.Tensor:
         n_sets = len(self.adapter_list)
+        if n_sets == 0:  # nothing learnt yet (trainer.eval_future before the first experience)
+            return x.new_zeros(x.shape[0], self.info.n_classes, dtype=torch.float32)
         if self.h["batched_eval"] and n_sets > 1:
             feats = [f.float() for f in self.features_all_sets(x)]
         else:
@@ -306,12 +350,13 @@ class MOS(Strategy):
         while len(self.adapter_list) < len(stored):
             self.adapter_list.append(copy.deepcopy(self.cur_adapter).requires_grad_(False))
         self.adapter_sums = torch.zeros_like(state["adapter_sums"])
+        self._pull_targets.clear()
         return super().load_state_dict(state, strict=strict)
 
 
 class StackedAdapters(nn.Module):
     """T AdaptFormer adapters of one block applied to T chunks of a [T * B, ...] batch: chunk k through adapter
-    k, as batched matmuls over stacked weights (read at call time, so in-place pulls before the block count).
+    k, as batched matmuls over stacked weights (read at call time, so the pulls before the block count).
     Inference only (dropout is the identity in eval mode; a LayerNorm-in or learnable-scale adapter is run per
     chunk)."""
 
