@@ -279,6 +279,13 @@ def both():
         groups = normalize_groups(mos.begin_experience(exp))
         opt = trainer._make_optimizer(mos, groups)
         ref.begin_task(len(exp.classes))
+        if t > 0:  # as if trained longer: the current set far from the stored mean, so that every pull matters
+            with torch.no_grad():
+                g = torch.Generator().manual_seed(10 + t)
+                for a, r in zip(flat_set(mos.cur_adapter), ref.cur):
+                    for k in a:
+                        a[k].add_(0.1 * torch.randn(a[k].shape, generator=g))
+                        r[k] = a[k].detach().clone()
         order = torch.randperm(len(exp.train), generator=torch.Generator().manual_seed(t))
         mos.train()
         for s in range(STEPS):
