@@ -223,7 +223,17 @@ class MOS(Strategy):
                 self.cls_mean[c], self.cls_cov[c] = class_gaussian(feats[labels == c], self.h["ca_storage"])
         if t > 0:
             self.align_classifier(self.h["ca_samples_factor"] * (train_bs or 16))
-        proto, plabels = self._extract(exp.train, k=0, pulling=False, device=device, key="set0")
+        if self.h["pull"] == "reference" and t > 0:
+            # The reference's `replace_fc` (models/mos.py:51-72, called at :101) runs right after
+            # `classifer_align`, which left the backbone in train mode (:248), so from the second task on the
+            # prototypes are extracted with set 0's adapter dropout active (random, hence no feature cache).
+            self.adapter_list[0].train()
+            try:
+                proto, plabels = self._extract(exp.train, k=0, pulling=False, device=device, key=None)
+            finally:
+                self.adapter_list[0].eval()
+        else:
+            proto, plabels = self._extract(exp.train, k=0, pulling=False, device=device, key="set0")
         with torch.no_grad():
             for c in new.tolist():
                 self.proto_head.weight[c] = proto[plabels == c].mean(0)

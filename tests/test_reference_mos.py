@@ -11,7 +11,8 @@ experiences are run through both:
   the gradients of every trained parameter after each step, the parameters after each step, i.e. after the
   optimiser step and the 13 pulls per step (depth = 4 here: 4 in the forward, one before each block, + 1 merge);
   end of experience: the stored set and prefix sums, the class statistics (class by class, batches of 3 x bs,
-  the current set pulled before every block of every batch), the prototypes under adapter set 0;
+  the current set pulled before every block of every batch), the prototypes under adapter set 0 (with its
+  dropout active from the second task on, as the reference's train-mode `replace_fc`);
   evaluation through `Trainer.evaluate`: the batch size (the training one), each batch's scores (prototype
   logits, features under every set with the test-time pulls, self-refined retrieval, the ensemble), the stored
   sets after the test-time pulls, the predictions.
@@ -202,8 +203,19 @@ class RefMOS:
                               for i in range(0, len(imgs), 3 * bs)])
             self.cls_mean[c] = vecs.mean(0)
             self.cls_cov[c] = torch.cov(vecs.T) + torch.eye(vecs.shape[1]) * 1e-4
-        for c in range(self.known, self.total):  # models/mos.py:51-72, forward_orig = set 0 (inc_net.py:135-142)
-            self.fc[c] = self.forward_features(images_per_class[c], 0, train=False, training=False).mean(0)
+    @torch.no_grad()
+    def replace_fc(self, images, labels, batch_size: int):
+        """models/mos.py:51-72 (forward_orig = set 0, inc_net.py:135-142), called at :101 after `_train`, whose
+        `classifer_align` (t > 0 only) left the backbone in train mode (:248): from the second task on, set 0's
+        adapter dropout is active here. (The reference draws its batches from a shuffled loader; the same batches
+        as the strategy's here, so that the dropout masks are the same.)"""
+        feats = []
+        for b, i in enumerate(range(0, len(images), batch_size)):
+            torch.manual_seed(1000 * self.cur_task + b)
+            feats.append(self.forward_features(images[i: i + batch_size], 0, train=False, training=self.cur_task > 0))
+        feats = torch.cat(feats)
+        for c in range(self.known, self.total):
+            self.fc[c] = feats[labels == c].mean(0)
 
     def after_task(self):
         self.known = self.total
@@ -310,7 +322,21 @@ def both():
                                  copy.deepcopy(ref.cur), (ref.head_w.clone(), ref.head_b.clone())))
         mos.eval()
         loader = type("L", (), {"batch_size": BS})()  # end_experience reads the training batch size from it
-        mos.end_experience(exp, loader)
+        # The prototype pass's dropout masks (t > 0): each of its batches seeded, here and in the re-statement.
+        features, seeded_batches = mos.features, []
+
+        def seeded(x, k=None, pulling=False):
+            if k == 0 and mos.adapter_list[0].training:
+                torch.manual_seed(1000 * t + len(seeded_batches))
+                seeded_batches.append(len(x))
+            return features(x, k=k, pulling=pulling)
+
+        mos.features = seeded
+        try:
+            mos.end_experience(exp, loader)
+        finally:
+            del mos.features
+        assert bool(seeded_batches) == (t > 0)
         view = eval_view(exp.train)
         per_class = {}
         for c in exp.classes:
@@ -318,6 +344,8 @@ def both():
             per_class[c] = to_model_input(torch.stack([torch.as_tensor(view[int(i)][0]) for i in ids]), size, chans,
                                           "cpu")
         ref.end_task(per_class, BS)
+        all_x = to_model_input(torch.stack([torch.as_tensor(view[i][0]) for i in range(len(view))]), size, chans, "cpu")
+        ref.replace_fc(all_x, torch.as_tensor(np.asarray(exp.train.targets)), mos.h["eval_batch_size"])
         for c in exp.classes:
             rec["mean"].append((t, c, mos.cls_mean[c].clone(), ref.cls_mean[c]))
             rec["cov"].append((t, c, mos.cls_cov[c].clone(), ref.cls_cov[c]))
