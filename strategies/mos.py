@@ -17,13 +17,22 @@ identical in LAMDA-PILOT. Algorithm, per experience t:
     rounds of head(features[task]) -> predicted class -> its task (self-refined retrieval); the score is
     softmax(refined logits) + softmax((T + 1) * prototype cosine logits).
 
-Deliberate choices (see `pull`):
-- `pull: reference` (default) reproduces the code that produced the published numbers: the pull is applied
-  before *every block* of every forward pass (reassigning `.data`, as the reference: see `pull`) with an adapter set k >= 1 (so ~13 pulls per training
-  step: 12 forward + 1 after the step), also while computing the class statistics and at test time, where it
-  overwrites the stored adapters k >= 1 toward the mean of adapters 0..k-1 on every test batch.
-  `pull: clean` applies the pull described in the paper once after each optimiser step and never touches
-  stored adapters. The clean variant may not reproduce the published numbers.
+Deliberate choices (see `pull`; each remaining difference from the reference: docs/fidelity_mos.md):
+- `pull: reference` (default) reproduces the code that produced the published numbers
+  (backbone/vit_mos.py:328-378): the pull runs before *every block* of every forward pass with an adapter set
+  k >= 1 (so depth + 1 = 13 pulls per training step: 12 in the forward + 1 after the step), also while computing
+  the class statistics and at test time, where it overwrites the stored sets k >= 1 toward the mean of sets
+  0..k-1 on every test batch. Each pull reassigns `.data` a new tensor as the reference does, so autograd's saved
+  weights stay those the forward used (an in-place pull gave wrong gradients: issue 18). Because the stored sets
+  change once per test batch, the batching is part of the method here, as there: the trainer evaluates with
+  the training batch size (`test_batch_size`; models/mos.py:91), the class statistics are computed class by class
+  in batches of 3 x the training batch size (models/mos.py:201-216), and from the second task on the prototypes
+  are extracted with set 0's adapter dropout active (the reference's `replace_fc` runs in train mode after
+  classifier alignment). `pull: clean` applies the pull described in the paper once after each optimiser step
+  and never touches stored sets; it may not reproduce the published numbers, and evaluates with the trainer's
+  `eval_batch_size` (its scores do not depend on the batching).
+- `eval_batch_size` (strategy) is the batch size of MOS's own extraction passes that the batching cannot change
+  (prototypes; clean mode's statistics), not the test batch size.
 - The reference computes adapter-0 features twice per test image (prototype head and retrieval); here once
   (identical values), so `forward_passes_per_test_image` is T + 1.
 - Covariance sampling uses one Cholesky factor per class per alignment run instead of re-factorising every
