@@ -56,6 +56,9 @@ class Strategy(nn.Module):
     needs_index = False
     needs_raw_input = False
     drop_last = False
+    # The batch size the trainer evaluates this strategy with; None: `trainer.eval_batch_size`. For a strategy
+    # whose scores depend on how the test set is batched (MOS's reference pulls rewrite state per test batch).
+    test_batch_size: int | None = None
 
     def __init__(self, **hparams: Any):
         super().__init__()

@@ -413,7 +413,7 @@ class Trainer:
             exp_masks[j, list(e.classes)] = True
         correct = torch.zeros(len(exps), dtype=torch.long, device=self.device)
         correct_task = torch.zeros(len(exps), dtype=torch.long, device=self.device)
-        loader = make_loader(union, batch_size=self.cfg.eval_batch_size, shuffle=False,
+        loader = make_loader(union, batch_size=self._eval_batch_size(strategy), shuffle=False,
                              num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
                              desc=f"evaluate {len(exps)} experience(s)")
         size, chans = strategy.backbone.input_size, strategy.backbone.in_chans
@@ -453,8 +453,12 @@ class Trainer:
         size, chans = strategy.backbone.input_size, strategy.backbone.in_chans
         parts = [cache.features(key, encode, e.test, input_size=size, in_chans=chans) for e in exps]
         feats, labels = torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts])
-        bs = self.cfg.eval_batch_size
+        bs = self._eval_batch_size(strategy)
         return [(feats[k: k + bs], labels[k: k + bs]) for k in range(0, len(labels), bs)]
+
+    def _eval_batch_size(self, strategy: Strategy) -> int:
+        """`trainer.eval_batch_size`, unless the strategy declares its own (cl/strategy.py)."""
+        return int(getattr(strategy, "test_batch_size", None) or self.cfg.eval_batch_size)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, c: TrainerConfig):

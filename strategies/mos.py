@@ -17,13 +17,22 @@ identical in LAMDA-PILOT. Algorithm, per experience t:
     rounds of head(features[task]) -> predicted class -> its task (self-refined retrieval); the score is
     softmax(refined logits) + softmax((T + 1) * prototype cosine logits).
 
-Deliberate choices (see `pull`):
-- `pull: reference` (default) reproduces the code that produced the published numbers: the pull is applied
-  in place before *every block* of every forward pass with an adapter set k >= 1 (so ~13 pulls per training
-  step: 12 forward + 1 after the step), also while computing the class statistics and at test time, where it
-  overwrites the stored adapters k >= 1 toward the mean of adapters 0..k-1 on every test batch.
-  `pull: clean` applies the pull described in the paper once after each optimiser step and never touches
-  stored adapters. The clean variant may not reproduce the published numbers.
+Deliberate choices (see `pull`; each remaining difference from the reference: docs/fidelity_mos.md):
+- `pull: reference` (default) reproduces the code that produced the published numbers
+  (backbone/vit_mos.py:328-378): the pull runs before *every block* of every forward pass with an adapter set
+  k >= 1 (so depth + 1 = 13 pulls per training step: 12 in the forward + 1 after the step), also while computing
+  the class statistics and at test time, where it overwrites the stored sets k >= 1 toward the mean of sets
+  0..k-1 on every test batch. Each pull reassigns `.data` a new tensor as the reference does, so autograd's saved
+  weights stay those the forward used (an in-place pull gave wrong gradients: issue 18). Because the stored sets
+  change once per test batch, the batching is part of the method here, as there: the trainer evaluates with
+  the training batch size (`test_batch_size`; models/mos.py:91), the class statistics are computed class by class
+  in batches of 3 x the training batch size (models/mos.py:201-216), and from the second task on the prototypes
+  are extracted with set 0's adapter dropout active (the reference's `replace_fc` runs in train mode after
+  classifier alignment). `pull: clean` applies the pull described in the paper once after each optimiser step
+  and never touches stored sets; it may not reproduce the published numbers, and evaluates with the trainer's
+  `eval_batch_size` (its scores do not depend on the batching).
+- `eval_batch_size` (strategy) is the batch size of MOS's own extraction passes that the batching cannot change
+  (prototypes; clean mode's statistics), not the test batch size.
 - The reference computes adapter-0 features twice per test image (prototype head and retrieval); here once
   (identical values), so `forward_passes_per_test_image` is T + 1.
 - Covariance sampling uses one Cholesky factor per class per alignment run instead of re-factorising every
@@ -40,6 +49,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +59,7 @@ from cl.feature_cache import features_of
 from cl.features import class_gaussian
 from cl.heads import CosineLinear
 from cl.strategy import Batch, Strategy
+from scenarios.subset import TargetSubset
 
 PULL_MODES = ("reference", "clean")
 
@@ -98,7 +109,8 @@ class MOS(Strategy):
         self.register_buffer("cls2task", torch.full((c,), -1, dtype=torch.long))
         # Prefix sums of the stored adapters' parameters: sums[k] = sum of adapter sets 0..k.
         self.register_buffer("adapter_sums", torch.zeros(0, self._flat_size()))
-        self._pull_index: int | None = None  # which set the in-place pulls act on during a forward
+        self._pull_targets: dict = {}  # (index, m) -> m * sums[index-1] / index (cleared when the sums change)
+        self._pull_index: int | None = None  # which set the reference pulls act on during a forward
         self._pull_target: nn.ModuleList | None = None
         for block in self.blocks:
             block.register_forward_pre_hook(self._reference_pull_hook)
@@ -109,17 +121,27 @@ class MOS(Strategy):
     # --- the adapter pull ------------------------------------------------------------------------
     @torch.no_grad()
     def pull(self, adapters: nn.ModuleList, index: int) -> None:
-        """adapters <- (1 - m) adapters + m * mean(stored sets 0..index-1), in place (no-op for index 0)."""
+        """adapters <- (1 - m) adapters + m * mean(stored sets 0..index-1) (no-op for index 0).
+
+        Each parameter's `.data` is *reassigned a new tensor*, as the reference's `reweight_adapter` does
+        (AAAI25-MOS backbone/vit_mos.py:337-344, `w.data = (1 - m) * w.data + m * sum[idx-1] / idx`, the same
+        arithmetic in the same order). Why not in place: in reference mode the pull runs before every block of a
+        training forward, after earlier blocks have saved (views of) these weights for backward. A new tensor
+        leaves those saved tensors holding the values the forward used, so backward through block j uses the
+        weights pulled j + 1 times, as in the reference; an in-place update would make every block's backward
+        see the weights after the last pull (wrong gradients in all blocks but the last; issue 18, defect 1,
+        guarded by tests/test_reference_mos.py). Same values as the in-place form outside autograd."""
         m = self.h["adapter_momentum"]
         if m == 0 or index == 0:
             return
-        mean = self.adapter_sums[index - 1] / index
+        target = self._pull_targets.get((index, m))
+        if target is None or target.device != self.adapter_sums.device:
+            # m * sum[index-1] / index, in the reference's order: (m * sum) / idx
+            target = self._pull_targets[(index, m)] = (m * self.adapter_sums[index - 1]) / index
         offset = 0
         for p in adapters.parameters():
             n = p.numel()
-            # `.data`, as the reference: in reference mode this runs between blocks of a forward whose
-            # activations autograd has saved, and must not trip the in-place version check.
-            p.data.mul_(1 - m).add_(mean[offset: offset + n].view_as(p).to(p.dtype), alpha=m)
+            p.data = (1 - m) * p.data + target[offset: offset + n].view_as(p).to(p.dtype)
             offset += n
 
     def _reference_pull_hook(self, module, args) -> None:
@@ -132,7 +154,7 @@ class MOS(Strategy):
 
     def features(self, x: torch.Tensor, k: int | None = None, pulling: bool = False) -> torch.Tensor:
         """CLS features with adapter set k (None: the current, trainable set); `pulling` enables the
-        reference's in-place pulls during this forward."""
+        reference's per-block pulls during this forward."""
         adapters = self.cur_adapter if k is None or k >= len(self.adapter_list) else self.adapter_list[k]
         index = self._task() if k is None else k
         peft.set_mlp_adapters(self.backbone.model, list(adapters))
@@ -184,15 +206,43 @@ class MOS(Strategy):
         self._store_adapter()
         self.eval()
         new = torch.tensor(list(exp.classes), device=device)
-        # At t = 0 the current set is set 0 and the pull is a no-op: the same features as the prototypes' below,
-        # so with the trainer's feature cache they are computed once (issue 10).
-        feats, labels = self._extract(exp.train, k=None, pulling=True, device=device, key="set0" if t == 0 else None)
-        for c in new.tolist():
-            mean, cov = class_gaussian(feats[labels == c], self.h["ca_storage"])
-            self.cls_mean[c], self.cls_cov[c] = mean, cov
+        train_bs = loader.batch_size if loader is not None else None
+        if train_bs is not None:
+            self._train_batch_size = int(train_bs)
+        if self.h["pull"] == "reference":
+            # As the reference's `_compute_mean` (models/mos.py:201-216): class by class, in batches of 3 x the
+            # training batch size, with the current set pulled before every block of every batch, so each class's
+            # Gaussian is computed under the same sequence of adapter states as there.
+            stats_bs = 3 * (train_bs or self.h["eval_batch_size"])
+            if getattr(exp.train, "targets", None) is None:
+                raise ValueError("mos pull=reference computes class statistics class by class and needs the training "
+                                 "set's `targets` (scenarios/datasets.py); use strategy.pull=clean for this stream")
+            targets = np.asarray(exp.train.targets)
+            for c in list(exp.classes):
+                part = TargetSubset(exp.train, np.flatnonzero(targets == c))
+                feats = features_of(self, None, lambda x: self.features(x, k=None, pulling=True), part,
+                                    device=device, batch_size=stats_bs)[0]
+                self.cls_mean[c], self.cls_cov[c] = class_gaussian(feats, self.h["ca_storage"])
+        else:
+            # No pulls inside a forward: the batching cannot change the features. At t = 0 the current set is set
+            # 0, the same features as the prototypes' below, so the trainer's feature cache computes them once.
+            feats, labels = self._extract(exp.train, k=None, pulling=False, device=device,
+                                          key="set0" if t == 0 else None)
+            for c in new.tolist():
+                self.cls_mean[c], self.cls_cov[c] = class_gaussian(feats[labels == c], self.h["ca_storage"])
         if t > 0:
-            self.align_classifier(self.h["ca_samples_factor"] * (loader.batch_size if loader is not None else 16))
-        proto, plabels = self._extract(exp.train, k=0, pulling=False, device=device, key="set0")
+            self.align_classifier(self.h["ca_samples_factor"] * (train_bs or 16))
+        if self.h["pull"] == "reference" and t > 0:
+            # The reference's `replace_fc` (models/mos.py:51-72, called at :101) runs right after
+            # `classifer_align`, which left the backbone in train mode (:248), so from the second task on the
+            # prototypes are extracted with set 0's adapter dropout active (random, hence no feature cache).
+            self.adapter_list[0].train()
+            try:
+                proto, plabels = self._extract(exp.train, k=0, pulling=False, device=device, key=None)
+            finally:
+                self.adapter_list[0].eval()
+        else:
+            proto, plabels = self._extract(exp.train, k=0, pulling=False, device=device, key="set0")
         with torch.no_grad():
             for c in new.tolist():
                 self.proto_head.weight[c] = proto[plabels == c].mean(0)
@@ -204,6 +254,7 @@ class MOS(Strategy):
         flat = torch.cat([p.detach().flatten().float() for p in self.cur_adapter.parameters()])
         prev = self.adapter_sums[-1] if len(self.adapter_sums) else torch.zeros_like(flat)
         self.adapter_sums = torch.cat([self.adapter_sums, (prev + flat).unsqueeze(0)])
+        self._pull_targets.clear()
 
     def _extract(self, dataset, k, pulling, device, key=None):
         """Features of `dataset` under adapter set k; `key` names a frozen encoder (set 0 never changes after the
@@ -266,9 +317,21 @@ class MOS(Strategy):
             peft.set_mlp_adapters(self.backbone.model, list(self.cur_adapter))
         return list(out.split(b))
 
+    @property
+    def test_batch_size(self) -> int | None:  # type: ignore[override]
+        """The batch size the trainer evaluates with (cl/strategy.py). Reference mode: the training batch size,
+        as the reference's test loader (models/mos.py:91): the pulls rewrite the stored sets once per test batch,
+        so the scores depend on it. Clean mode: None (the trainer's `eval_batch_size`; scores do not depend on
+        it). Known from the first `end_experience` of this process; before it nothing is stored, nothing pulled."""
+        if self.h["pull"] != "reference":
+            return None
+        return getattr(self, "_train_batch_size", None)
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, task_id=None) -> torch.Tensor:
         n_sets = len(self.adapter_list)
+        if n_sets == 0:  # nothing learnt yet (trainer.eval_future before the first experience)
+            return x.new_zeros(x.shape[0], self.info.n_classes, dtype=torch.float32)
         if self.h["batched_eval"] and n_sets > 1:
             feats = [f.float() for f in self.features_all_sets(x)]
         else:
@@ -306,12 +369,13 @@ class MOS(Strategy):
         while len(self.adapter_list) < len(stored):
             self.adapter_list.append(copy.deepcopy(self.cur_adapter).requires_grad_(False))
         self.adapter_sums = torch.zeros_like(state["adapter_sums"])
+        self._pull_targets.clear()
         return super().load_state_dict(state, strict=strict)
 
 
 class StackedAdapters(nn.Module):
     """T AdaptFormer adapters of one block applied to T chunks of a [T * B, ...] batch: chunk k through adapter
-    k, as batched matmuls over stacked weights (read at call time, so in-place pulls before the block count).
+    k, as batched matmuls over stacked weights (read at call time, so the pulls before the block count).
     Inference only (dropout is the identity in eval mode; a LayerNorm-in or learnable-scale adapter is run per
     chunk)."""
 

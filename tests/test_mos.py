@@ -132,3 +132,28 @@ def test_mos_resumes_to_the_same_matrix(compose, run_quiet, tmp_path):
     run_quiet(compose(*overrides, f"results_root={tmp_path / 'b'}", "trainer.stop_after=2"))
     b, _ = run_quiet(compose(*overrides, f"results_root={tmp_path / 'b'}"))
     assert json.loads(a.read_text())["acc_matrix"] == json.loads(b.read_text())["acc_matrix"]
+
+
+def test_predict_before_any_training_scores_zero_and_eval_future_runs():
+    """trainer.eval_future evaluates every experience before the first one is trained (the FWT baseline): with
+    no stored adapter set yet, predict returns zeros instead of indexing an empty list (issue 18, defect 2)."""
+    cfg, stream, mos = build_mos("trainer.limit_train_batches=1", "strategy.crct_epochs=1")
+    mos.eval()
+    out = mos.predict(torch.rand(3, 3, 32, 32))
+    assert out.shape == (3, stream.info.n_classes) and not out.any()
+    trainer = Trainer(TrainerConfig.from_mapping({**cfg["trainer"], "eval_future": True, "stop_after": 2}))
+    history = trainer.fit(stream, mos)
+    assert len(history.initial_accuracy) == len(stream)
+    assert len(history.acc_matrix) == 2 and all(a is not None for a in history.acc_matrix[1])
+
+
+def test_reference_mode_evaluates_with_the_training_batch_size_and_clean_mode_with_the_trainers():
+    """The reference pulls rewrite the stored sets once per test batch, so the batch size is part of the method:
+    the reference tests with its training batch size (AAAI25-MOS models/mos.py:91). Clean mode has no such state."""
+    cfg, stream, mos = build_mos("trainer.limit_train_batches=1", "strategy.crct_epochs=1", "trainer.batch_size=6")
+    trainer = Trainer(TrainerConfig.from_mapping({**cfg["trainer"], "stop_after": 1}))
+    assert mos.test_batch_size is None  # nothing trained yet
+    trainer.fit(stream, mos)
+    assert mos.test_batch_size == 6 and trainer._eval_batch_size(mos) == 6
+    mos.h["pull"] = "clean"
+    assert mos.test_batch_size is None and trainer._eval_batch_size(mos) == cfg["trainer"]["eval_batch_size"]
