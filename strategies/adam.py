@@ -11,8 +11,18 @@ Reference code: zhoudw-zdw/RevisitingCIL and LAMDA-PILOT `models/aper_*.py`. Alg
     inference: argmax of cosine similarity to the prototypes (two backbone passes per image).
 
 `simplecil` is the training-free special case: the frozen PTM alone, no adaptation.
-Differences from the reference: the first-session head covers all classes with the not-yet-seen ones
-masked, which is the same function as PILOT's head of `init_cls` outputs.
+
+Initialisation as RevisitingCIL: SSF scale ~ N(1, 0.02), shift ~ N(0, 0.02)
+(`convs/vision_transformer_ssf.py:378-385`; `ssf_init_std`, 0 gives the exact identity); VPT prompts start at
+zeros (`convs/vpt.py:49-52`; `vpt_init`, the VPT paper's xavier is an option); adapters down Kaiming / up zero.
+Checked step by step against a re-statement of the reference for every PEFT kind:
+tests/test_reference_ptm.py.
+
+Differences from the reference (none changes the function computed; docs/fidelity_ptm.md has the table):
+the first-session head covers all classes with the not-yet-seen ones masked, which is the same function as
+PILOT's head of `init_cls` outputs (the masked rows only decay under weight decay and are never used);
+VPT prompts are inserted after the CLS token instead of after the patch tokens (attention does not depend on
+token order; the prompts carry no position embedding).
 """
 from __future__ import annotations
 
