@@ -11,8 +11,18 @@ Reference code: zhoudw-zdw/RevisitingCIL and LAMDA-PILOT `models/aper_*.py`. Alg
     inference: argmax of cosine similarity to the prototypes (two backbone passes per image).
 
 `simplecil` is the training-free special case: the frozen PTM alone, no adaptation.
-Differences from the reference: the first-session head covers all classes with the not-yet-seen ones
-masked, which is the same function as PILOT's head of `init_cls` outputs.
+
+Initialisation as RevisitingCIL: SSF scale ~ N(1, 0.02), shift ~ N(0, 0.02)
+(`convs/vision_transformer_ssf.py:378-385`; `ssf_init_std`, 0 gives the exact identity); VPT prompts start at
+zeros (`convs/vpt.py:49-52`; `vpt_init`, the VPT paper's xavier is an option); adapters down Kaiming / up zero.
+Checked step by step against a re-statement of the reference for every PEFT kind:
+tests/test_reference_ptm.py.
+
+Differences from the reference (none changes the function computed; docs/fidelity_ptm.md has the table):
+the first-session head covers all classes with the not-yet-seen ones masked, which is the same function as
+PILOT's head of `init_cls` outputs (the masked rows only decay under weight decay and are never used);
+VPT prompts are inserted after the CLS token instead of after the patch tokens (attention does not depend on
+token order; the prompts carry no position embedding).
 """
 from __future__ import annotations
 
@@ -28,6 +38,7 @@ from cl.heads import CosineLinear
 from cl.strategy import Batch, Strategy
 
 PEFT_KINDS = ("adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune")
+VPT_INITS = ("zeros", "xavier", "normal")
 
 
 class APER(Strategy):
@@ -37,11 +48,17 @@ class APER(Strategy):
     stored_buffers = ("prototypes",)
 
     def __init__(self, peft: str = "adapter", ffn_num: int = 64, adapter_scale: float = 0.1,
-                 adapter_dropout: float = 0.1, vpt_tokens: int = 5, eval_batch_size: int = 256, **hparams):
+                 adapter_dropout: float = 0.1, vpt_tokens: int = 5, ssf_init_std: float = 0.02,
+                 vpt_init: str = "zeros", eval_batch_size: int = 256, **hparams):
         super().__init__(peft=peft, ffn_num=ffn_num, adapter_scale=adapter_scale, adapter_dropout=adapter_dropout,
-                         vpt_tokens=vpt_tokens, eval_batch_size=eval_batch_size, **hparams)
+                         vpt_tokens=vpt_tokens, ssf_init_std=ssf_init_std, vpt_init=vpt_init,
+                         eval_batch_size=eval_batch_size, **hparams)
         if peft not in PEFT_KINDS:
             raise ValueError(f"adam.peft must be one of {PEFT_KINDS}, got {peft!r}")
+        if float(ssf_init_std) < 0:
+            raise ValueError(f"adam.ssf_init_std must be >= 0 (0.02 is RevisitingCIL's), got {ssf_init_std}")
+        if vpt_init not in VPT_INITS:
+            raise ValueError(f"adam.vpt_init must be one of {VPT_INITS} (zeros is RevisitingCIL's), got {vpt_init!r}")
         self.h = self.hparams
 
     def setup(self, backbone, info) -> None:
@@ -54,9 +71,11 @@ class APER(Strategy):
             peft.add_adapters(vit, bottleneck=self.h["ffn_num"], scale=self.h["adapter_scale"],
                               dropout=self.h["adapter_dropout"])
         elif kind == "ssf":
-            peft.add_ssf(vit)
+            # RevisitingCIL convs/vision_transformer_ssf.py:378-385: scale ~ N(1, 0.02), shift ~ N(0, 0.02)
+            peft.add_ssf(vit, init_std=float(self.h["ssf_init_std"]))
         elif kind in ("vpt_shallow", "vpt_deep"):
-            peft.add_vpt(vit, n_tokens=self.h["vpt_tokens"], deep=kind == "vpt_deep")
+            # RevisitingCIL convs/vpt.py:49-52: the prompt tokens start at zeros (not VPT's xavier)
+            peft.add_vpt(vit, n_tokens=self.h["vpt_tokens"], deep=kind == "vpt_deep", init=self.h["vpt_init"])
         self.first_head = CosineLinear(backbone.feature_dim, info.n_classes, learn_sigma=True)
         self.register_buffer("prototypes", torch.zeros(info.n_classes, 2 * backbone.feature_dim))
 

@@ -170,10 +170,10 @@ class LAE(Strategy):
         return MeanTeacher(self.online_pet(), decay=self.h["ema_decay"])
 
     def _new_head(self, n_out: int, init: bool = True) -> nn.Linear:
-        device = self.pet_params[0].device
+        device, dtype = self.pet_params[0].device, self.pet_params[0].dtype  # a new head joins the model's dtype
         if not init:  # resume: values come from the checkpoint (and no global RNG draw)
-            return torch.nn.utils.skip_init(nn.Linear, self.backbone.feature_dim, n_out, device=device)
-        head = nn.Linear(self.backbone.feature_dim, n_out, device=device)
+            return torch.nn.utils.skip_init(nn.Linear, self.backbone.feature_dim, n_out, device=device, dtype=dtype)
+        head = nn.Linear(self.backbone.feature_dim, n_out, device=device, dtype=dtype)
         with torch.no_grad():
             nn.init.normal_(head.weight, std=self.h["head_init_std"])
             nn.init.zeros_(head.bias)
