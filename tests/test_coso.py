@@ -147,7 +147,7 @@ def test_zero_heads_keep_each_heads_logits_zero_mean_and_the_schedule_is_the_ref
     shared component; from zeros the offset stays 0 and heads compete by their learnt margins."""
     from cl.strategy import Batch
 
-    coso, stream, x, y = tiny_coso("strategy.fc_lr=0.01")
+    coso, stream, x, y = tiny_coso("strategy.fc_lr=0.01", "strategy.head_init=zeros")  # the option (default: nn.Linear)
     coso.observe_classes(stream[0])
     opt = coso.configure_optimizer(coso.begin_experience(stream[0]))
     for epoch in range(3):
@@ -164,11 +164,12 @@ def test_zero_heads_keep_each_heads_logits_zero_mean_and_the_schedule_is_the_ref
 
 
 def test_the_strategy_updates_attn_proj_orthogonally_to_the_previous_tasks_basis():
-    """Through the strategy: task 0 trains, its end grows every target's basis M by the energy rule; task 1's
-    updates of the attn.proj weights then have no component in M (to float tolerance)."""
+    """Through the strategy with the project's `project_p` option (not the reference's default; its behaviour is
+    tests/test_reference_coso.py's): task 0 trains, its end grows every target's basis M by the energy rule; task
+    1's updates of the attn.proj weights then have no component in M (to float tolerance)."""
     from cl.strategy import Batch
 
-    coso, stream, _, _ = tiny_coso("strategy.head_init=default", "strategy.lr=0.01")
+    coso, stream, _, _ = tiny_coso("strategy.head_init=default", "strategy.lr=0.01", "strategy.project_p=true")
     for t in (0, 1):
         exp = stream[t]
         xs, ys = zip(*[exp.train[i] for i in range(16)])
