@@ -22,3 +22,28 @@ class CosineLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(F.normalize(x.float(), dim=1), F.normalize(self.weight.float(), dim=1))
         return out * self.sigma if self.sigma is not None else out
+
+
+class CosFaceHead(nn.Module):
+    """CosFace (Wang et al. 2018), the classifier of GS-LoRA's Face-ViT (`bjzhb666/GS-LoRA`
+    vit_pytorch_face/vit_face.py:146-206): cos_c = cos(x, w_c) with a Xavier-uniform weight and no bias;
+    with labels (training) the logits are s * (cos_c - m [c = y]); without, s * cos_c (the argmax of a prediction
+    that cannot see the label). Defaults s = 64, m = 0.35: the reference's, for which GS-LoRA's bound BND = 105 on
+    the forget cross-entropy is set (CE of these logits reaches ~2s; a plain linear head has no such scale).
+    Note: the reference's `eval_data` (engine_cl.py:336) also passes the labels, so its reported accuracies count a
+    sample correct only if cos_y - m beats every other cosine; `forward(x)` is the label-free prediction."""
+
+    def __init__(self, in_features: int, out_features: int, s: float = 64.0, m: float = 0.35):
+        super().__init__()
+        self.s, self.m = float(s), float(m)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.xavier_uniform_(self.weight)
+
+    def cosine(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(x.float()), F.normalize(self.weight.float()))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        cos = self.cosine(x)
+        if labels is not None:
+            cos = cos - self.m * F.one_hot(labels.long(), cos.shape[1]).to(cos.dtype)
+        return self.s * cos

@@ -64,11 +64,12 @@ class CoSOAdam(torch.optim.Optimizer):
            `sketch_rank` directions (sketch <- FD(svd([decay * S, Q])));
         3. R = P^T G', Adam moments on R (proj_rank x n), W <- W - lr * P (m_hat / (sqrt(v_hat) + eps)),
            then decoupled weight decay. Moments are not reset when P changes (GaLore-style).
-    One addition to the reference: P itself is projected out of M after each refresh. When G' has fewer than
-    `proj_rank` non-zero singular values (a small batch's gradient, a late task), P's trailing columns are an
+    Option (`project_p: True`, off by default; not in the reference, quinn-ch/CoSO coso/coso_projector.py:61-73
+    uses P = U[:, :proj_rank] as it comes): P itself is projected out of M after each refresh. When G' has fewer
+    than `proj_rank` non-zero singular values (a small batch's gradient, a late task), P's trailing columns are an
     arbitrary basis of G''s null space, which contains M; Adam scales their noise-level coordinates up to about
-    |R| / eps, so the reference's steps leak into M (measured on vit-tiny: 2e-3 of the step's size); here they
-    stay orthogonal to float precision.
+    |R| / eps, so the reference's steps leak into M (measured on vit-tiny: 2e-3 of the step's size); with the
+    option they stay orthogonal to float precision.
     The SVDs of step 2 run batched: the weights of a group that share a shape (attn.proj of every block) are
     stacked into one [L, m, n] call, and their FD merges into another, in `exact` and `fast` mode alike.
     Plain groups: AdamW.
@@ -78,7 +79,7 @@ class CoSOAdam(torch.optim.Optimizer):
     def __init__(self, groups, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
                  bases: dict | None = None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, subspace=False, proj_rank=1,
-                        sketch_rank=1, update_gap=1, decay=1.0, svd="exact")
+                        sketch_rank=1, update_gap=1, decay=1.0, svd="exact", project_p=False)
         super().__init__(groups, defaults)
         self.bases = bases if bases is not None else {}
 
@@ -102,8 +103,9 @@ class CoSOAdam(torch.optim.Optimizer):
                 due = [p for p in params
                        if self.state[p]["step"] % group["update_gap"] == 0 or self.state[p].get("blank", False)]
                 self._refresh([self.state[p] for p in due], [grads[p] for p in due], group)
-                for p in due:  # P's trailing columns may span G''s null space, M included: keep the steps out of M
-                    self.state[p]["proj"] = project_out(self.state[p]["proj"], self.bases.get(p))
+                if group["project_p"]:  # P's trailing columns may span G''s null space, M included: keep steps out of M
+                    for p in due:
+                        self.state[p]["proj"] = project_out(self.state[p]["proj"], self.bases.get(p))
             for p in params:
                 self._adam(p, grads[p], self.state[p], group)
         return loss

@@ -2,15 +2,18 @@
 a sequence of forget requests; each names classes to erase, with the data of the classes it must keep.
 
 The stream (`build_forgetting`, KIND_BUILDERS["forgetting"]):
-- Classes: the dataset's `n_classes` K. Request t forgets `forget_per_request` classes, counted down from the top
-  as in the reference's task loop (`NUM_FIRST_CLS`, `PER_FORGET_CLS`): with K=100 and 20 per request, request 0
-  forgets 80-99, request 1 60-79, ...; or `requests: [[...], ...]` lists them explicitly. Classes forgotten
-  earlier are never replayed.
+- Classes: the dataset's `n_classes` K. As the reference (`bjzhb666/GS-LoRA` train/train_own_forget_cl.py:198-203,
+  538-545), the class ids are first put in a seeded random order, `random.seed(SEED); random.shuffle(order)` with
+  Python's `random` (`class_order_seed`, default 1337, the reference's `SEED` in config.py); request t forgets
+  `forget_per_request` classes of that order counted down from its end (`NUM_FIRST_CLS`, `PER_FORGET_CLS`): with
+  K=100 and 20 per request, request 0 forgets order[80:100], request 1 order[60:80], ...
+  `class_order_seed: null` takes the label order instead (request 0 forgets 80-99, ...); `requests: [[...], ...]`
+  lists the classes explicitly. Classes forgotten earlier are never replayed.
 - Experience t: `classes` = the classes forgotten at t; `train` = a subset of the forget set and of the retained
   set (every class not forgotten so far and not forgotten now): `data_ratio` of each (the reference's random
   subset; 0.1 CASIA, 0.05 ImageNet100) or `few_shot` images per class; `test` = the test images of the classes
   forgotten at t; `meta` holds `forget`, `retain`, `forgotten_before` (class lists) and the validation sets
-  `val_forget` / `val_retain` that strategies select checkpoints on (the reference selects on the test set).
+  `val_forget` / `val_retain` that strategies may report on (the reference evaluates on the test set).
 - Validation: per class, the last `val_fraction` of the train split (in dataset order) is held out before any
   subset is drawn; `synthetic-forget`'s original model never trains on it either.
 - Evaluation: the stream carries `eval_experiences`, one test group per request plus the classes never forgotten
@@ -22,6 +25,11 @@ Metrics (`from_history`, KIND_METRICS["forgetting"]), all percent, sample-weight
   `acc_forget` (all classes forgotten so far), `acc_forget_current` (the paper's Acc_f: this request's classes),
   `acc_old` (the paper's Acc_o: classes forgotten by earlier requests), `drop` = Acc_f(before) - Acc_f(after) on
   this request's classes, and the paper's `h_mean` = 2 * Drop * Acc_r / (Drop + Acc_r) (engine_cl.evaluate).
+- "before" is the model at the START of the request, as the reference measures `forget_acc_before`
+  (train_own_forget_cl.py:920, after loading the previous request's final model): the original model for request
+  0, the previous request's row for the others (the model a request starts from is the one evaluated at the end
+  of the previous request: its LoRA is merged and the fresh one is a no-op). `acc_forget_original` keeps the
+  original model's accuracy on the request's classes.
 """
 from __future__ import annotations
 
@@ -89,14 +97,16 @@ def from_history(history) -> dict:
     per_request = []
     for i, row in enumerate(rows):
         forgotten, kept = range(0, i + 1), range(i + 1, n_groups)
+        start = before if i == 0 else rows[i - 1]  # the model at the start of request i (reference :920)
         per_request.append({
             "request": i,
             "acc_retain": _weighted(row, counts, kept),
             "acc_forget": _weighted(row, counts, forgotten),
             "acc_forget_current": float(row[i]),
             "acc_old": _weighted(row, counts, range(0, i)) if i else None,
-            "acc_forget_before": float(before[i]),
-            "acc_retain_before": _weighted(before, counts, kept),
+            "acc_forget_before": float(start[i]),
+            "acc_retain_before": _weighted(start, counts, kept),
+            "acc_forget_original": float(before[i]),
         })
     return forgetting_summary(acc_original, per_request)
 
@@ -131,9 +141,24 @@ def _of_classes(idx: np.ndarray, targets: np.ndarray, classes) -> np.ndarray:
     return idx[np.isin(targets[idx], list(classes))]
 
 
+REFERENCE_CLASS_ORDER_SEED = 1337  # bjzhb666/GS-LoRA config.py SEED, which train_own_forget_cl.py:202 shuffles with
+
+
+def class_order(n_classes: int, seed: int | None) -> list[int]:
+    """The order requests take classes from (from its end): `random.seed(seed); random.shuffle(range(K))` as the
+    reference (train_own_forget_cl.py:198-203; a private `random.Random(seed)` draws the same permutation without
+    touching the global generator), or the label order for `seed=None`."""
+    import random
+
+    order = list(range(n_classes))
+    if seed is not None:
+        random.Random(int(seed)).shuffle(order)
+    return order
+
+
 def forget_requests(n_classes: int, cfg: dict) -> list[list[int]]:
-    """The classes of each request: explicit `requests`, else `n_requests` blocks of `forget_per_request` counted
-    down from the highest class id (the reference's order)."""
+    """The classes of each request: explicit `requests`, else `n_requests` blocks of `forget_per_request` taken
+    from the end of `class_order(K, class_order_seed)`, as the reference's split_dataset(order_list, en1, en2)."""
     explicit = cfg.get("requests")
     if explicit:
         reqs = [[int(c) for c in r] for r in explicit]
@@ -145,7 +170,11 @@ def forget_requests(n_classes: int, cfg: dict) -> list[list[int]]:
         if n_req * per >= n_classes:
             raise ConfigError(f"{n_req} requests of {per} classes would forget all {n_classes} classes: keep at "
                               f"least one class (lower scenario.n_requests or scenario.forget_per_request)")
-        reqs = [list(range(n_classes - (t + 1) * per, n_classes - t * per)) for t in range(n_req)]
+        seed = cfg.get("class_order_seed", REFERENCE_CLASS_ORDER_SEED)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ConfigError(f"scenario.class_order_seed must be an integer or null (label order), got {seed!r}")
+        order = class_order(n_classes, seed)
+        reqs = [sorted(order[n_classes - (t + 1) * per: n_classes - t * per]) for t in range(n_req)]
     flat = [c for r in reqs for c in r]
     if any(not 0 <= c < n_classes for c in flat) or len(set(flat)) != len(flat) or any(not r for r in reqs):
         raise ConfigError(f"scenario.requests must be non-empty lists of distinct class ids in 0..{n_classes - 1}, "
@@ -227,6 +256,7 @@ def build_forgetting(cfg: dict, data_root=None) -> Stream:
                       classes_per_experience=[list(r) for r in reqs],
                       extra={"requests": [list(r) for r in reqs], "never_forgotten": never,
                              "eval_groups": [f"request_{t}" for t in range(len(reqs))] + ["retained"],
+                             "class_order_seed": cfg.get("class_order_seed", REFERENCE_CLASS_ORDER_SEED),
                              "data_ratio": ratio, "few_shot": few_shot,
                              "val_fraction": float(cfg.get("val_fraction", 0.1))})
     return ForgettingStream(exps, info, [*exps, kept])

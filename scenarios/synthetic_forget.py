@@ -4,8 +4,10 @@ the synthetic split and cached on disk (backbone source `synthetic-forget`).
 Why a source of its own: a forgetting stream starts from a model that already knows every class (GS-LoRA's
 Face-ViT / ImageNet ViT-B/16), so the backbone must come with its trained head. The returned
 `cl.backbones.Backbone` maps images to features as usual (a timm VisionTransformer with `num_classes=0`, so
-`cl.peft.add_lora` finds its blocks) and carries the trained linear classifier as `backbone.head`
-(`head(backbone(x))` = logits over all classes). Training uses only the scenario's train split minus its
+`cl.peft.add_lora` finds its blocks) and carries the trained classifier as `backbone.head`
+(`head(backbone(x))` = logits over all classes): `head: linear` (default) or `head: cosface`, the reference
+Face-ViT's CosFace (`cl.heads.CosFaceHead`, s = 64, m = 0.35, trained with the margin), the head GS-LoRA's
+BND = 105 is set for. Training uses only the scenario's train split minus its
 validation part (`forgetting.split_validation`), so the forget/retain validation images stay unseen.
 """
 from __future__ import annotations
@@ -48,19 +50,41 @@ def original_split(synthetic: Mapping[str, Any] | None, val_fraction: float):
     return x, torch.as_tensor(np.asarray(train.targets)[fit_idx]).long(), params["n_classes"]
 
 
-def train_original(synthetic, vit, val_fraction: float, epochs: int, lr: float, seed: int = 0):
-    """Plain supervised training of ViT + linear head on all classes (AdamW, batch 32)."""
+HEADS = ("linear", "cosface")
+
+
+def make_head(kind: str, dim: int, n_classes: int, cosface: Mapping[str, Any] | None = None) -> nn.Module:
+    if kind not in HEADS:
+        raise ConfigError(f"backbone.head={kind!r} is unknown: use one of {', '.join(HEADS)}")
+    if kind == "cosface":
+        from cl.heads import CosFaceHead
+
+        return CosFaceHead(dim, n_classes, **dict(cosface or {}))
+    return nn.Linear(dim, n_classes)
+
+
+def head_logits(head: nn.Module, emb: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Training logits: a CosFace head applies its margin to the labelled class (the reference's
+    `model(x, labels)`), a linear head ignores the labels."""
+    from cl.heads import CosFaceHead
+
+    return head(emb, y) if isinstance(head, CosFaceHead) and y is not None else head(emb)
+
+
+def train_original(synthetic, vit, val_fraction: float, epochs: int, lr: float, seed: int = 0,
+                   head_kind: str = "linear", cosface: Mapping[str, Any] | None = None):
+    """Plain supervised training of ViT + head on all classes (AdamW, batch 32)."""
     x, y, n_classes = original_split(synthetic, val_fraction)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     body = make_vit(vit, x.shape[1])
-    head = nn.Linear(body.num_features, n_classes)
+    head = make_head(head_kind, body.num_features, n_classes, cosface)
     params = list(body.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     body.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(y), generator=g).split(32):
-            loss = F.cross_entropy(head(body(x[idx])), y[idx])
+            loss = F.cross_entropy(head_logits(head, body(x[idx]), y[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -73,17 +97,20 @@ def cached_original(cfg: Mapping[str, Any]):
     vit = {**DEFAULT_VIT, **dict(cfg.get("vit") or {})}
     epochs, lr = int(cfg.get("epochs", 6)), float(cfg.get("lr", 1e-3))
     val_fraction = float(cfg.get("val_fraction", 0.1))
+    head_kind, cosface = str(cfg.get("head", "linear")), dict(cfg.get("cosface") or {})
     settings = {"synthetic": synthetic, "vit": vit, "epochs": epochs, "lr": lr, "val_fraction": val_fraction}
+    if head_kind != "linear":  # the linear head's key (and cached file) stays what it was
+        settings.update(head=head_kind, cosface=cosface)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cfg.get("cache_dir") or "data/synthetic-forget-cache") / f"synthetic-forget-vit-{key}.pt"
     body = make_vit(vit, synthetic["channels"])
-    head = nn.Linear(body.num_features, synthetic["n_classes"])
+    head = make_head(head_kind, body.num_features, synthetic["n_classes"], cosface)
     if path.exists():
         state = torch.load(path, map_location="cpu", weights_only=True)
         body.load_state_dict(state["body"])
         head.load_state_dict(state["head"])
         return body.eval(), head.eval(), key
-    body, head = train_original(synthetic, vit, val_fraction, epochs, lr)
+    body, head = train_original(synthetic, vit, val_fraction, epochs, lr, head_kind=head_kind, cosface=cosface)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{np.random.randint(1 << 30)}.tmp")
     torch.save({"body": body.state_dict(), "head": head.state_dict()}, tmp)

@@ -1,8 +1,19 @@
 """X-TAIL metrics over a T x T accuracy matrix A (row i: after learning dataset i; column j: dataset j).
 
 Why their own functions: union-label streams report how a method keeps CLIP's zero-shot ability on datasets it
-has not learned yet (Transfer), besides the usual last row. Definitions from the X-TAIL / MoRAM evaluation:
-Transfer = mean of the strict upper triangle, Average = mean of the whole matrix, Last = mean of the final row.
+has not learned yet (Transfer), besides the usual last row. Definitions of the X-TAIL / MoRAM evaluation
+(Artificer-AI-Lab/MoRAM `XTAIL/main.py:189-195`):
+- Transfer: for each column j >= 1, the mean of A[i, j] over the rows i < j (the models that had not learned
+  dataset j yet), then the mean over those columns, so each not-yet-learned dataset counts once whatever its
+  position (`np.mean(np.ma.masked_equal(np.triu(A, 1), 0), axis=0)`, then `np.mean`). An earlier version took the
+  flat mean of the strict upper triangle, which weights late datasets by their number of rows (4x4 example in
+  tests/test_union_label.py: 74.00 flat, 70.50 X-TAIL).
+- Exact-zero cells: the reference masks every 0 of the upper triangle (its way of dropping the lower triangle,
+  which also drops a genuine 0% zero-shot accuracy); `mask_zeros=True`, the default, does the same, so a published
+  Transfer and ours agree. NaN cells (not evaluated: `trainer.eval_future` off) are always skipped. A column with
+  no cell left does not count.
+- Average: the mean of the whole matrix (`np.mean(np.mean(A, 0))`, the same for a full matrix).
+- Last: the mean of the final row.
 """
 from __future__ import annotations
 
@@ -16,11 +27,17 @@ def _matrix(acc) -> np.ndarray:
     return a
 
 
-def transfer(acc) -> float:
-    """Mean accuracy on datasets not yet learned (strict upper triangle); nan for a single dataset."""
+def transfer(acc, mask_zeros: bool = True) -> float:
+    """X-TAIL Transfer: mean over columns j >= 1 of the mean of A[:j, j] (see the module docstring); exact zeros
+    are skipped with `mask_zeros` (the reference), NaN cells always; nan when no cell is left."""
     a = _matrix(acc)
-    iu = np.triu_indices(a.shape[0], k=1)
-    return float(a[iu].mean()) if iu[0].size else float("nan")
+    cols = []
+    for j in range(1, a.shape[0]):
+        v = a[:j, j]
+        keep = ~np.isnan(v) & ((v != 0) if mask_zeros else True)
+        if keep.any():
+            cols.append(float(v[keep].mean()))
+    return float(np.mean(cols)) if cols else float("nan")
 
 
 def average(acc) -> float:
@@ -33,8 +50,8 @@ def last(acc) -> float:
     return float(_matrix(acc)[-1].mean())
 
 
-def xtail_summary(acc) -> dict:
-    return {"transfer": transfer(acc), "average": average(acc), "last": last(acc)}
+def xtail_summary(acc, mask_zeros: bool = True) -> dict:
+    return {"transfer": transfer(acc, mask_zeros), "average": average(acc), "last": last(acc)}
 
 
 def from_history(history) -> dict:
@@ -45,6 +62,4 @@ def from_history(history) -> dict:
     k = len(history.acc_matrix)
     rows = [[float("nan") if v is None else float(v) for v in row[:k]] for row in history.acc_matrix]
     a = _matrix(rows)
-    iu = np.triu_indices(k, k=1)
-    return {"transfer": float(np.nanmean(a[iu])) if iu[0].size and not np.isnan(a[iu]).all() else float("nan"),
-            "average": float(np.nanmean(a)), "last": last(a), "acc_per_experience": list(a[-1])}
+    return {"transfer": transfer(a), "average": float(np.nanmean(a)), "last": last(a), "acc_per_experience": list(a[-1])}

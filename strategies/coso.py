@@ -21,17 +21,18 @@ on LAMDA-PILOT and GaLore; facts in shared/reference/lora_subspace_sparse.md sec
 projection and the FD merge. Both run batched over the targets' stacked gradients (`cl.subspace.CoSOAdam`).
 
 Deliberate differences from the reference:
-- `head_init: zeros` (the default here; the paper presets set `default`, the reference's nn.Linear init).
+- `head_init: default` (the default, the reference's `nn.Linear` init in utils/inc_net.py); `zeros` is an option.
   Cross-entropy over one head's classes never moves that head's mean logit (sum_c dL/dz_c = 0; for a 2-class head
   under Adam the two rows stay exact opposites), so each head keeps its random initial offset w_sum . f + b_sum for
   ever, and class-IL inference compares heads through it. On a pre-trained ViT the learnt margins dwarf it (argued,
-  not measured); on the random vit-tiny of the test stream, whose features are almost one shared vector (norm 11.28
-  of 11.31), it decides every prediction: with nn.Linear's init every task but one scores 0 (last acc 13.75 at 5
-  epochs), from zeros the heads compete by their margins (26.88; docs/coso.md). A side effect: the first step of
-  each task passes no gradient to the targets (the new head is zero), so it updates the head only, and CoSOAdam
-  refreshes the projection again at the next step instead of keeping a blank one for `update_gap` steps.
-- P is projected out of M after each refresh (cl/subspace.py CoSOAdam): without it, P's null-space columns let
-  Adam-amplified noise into M (2e-3 of the step on vit-tiny; 2e-7 with it).
+  not measured); on the random vit-tiny of the test stream, whose features are almost one shared vector, it
+  decides most predictions (docs/coso.md), which `zeros` avoids. With `zeros` the first step of each task passes
+  no gradient to the targets (the new head is zero), so it updates the head only, and CoSOAdam refreshes the
+  projection again at the next step instead of keeping a blank one for `update_gap` steps (with the reference's
+  init the gradient is never all-zero and this early refresh never fires).
+- `project_p: true` (off by default: not in the reference) projects P out of M after each refresh
+  (cl/subspace.py CoSOAdam): without it, P's null-space columns let Adam-amplified noise into M (2e-3 of the
+  step on vit-tiny; 2e-7 with it). tests/test_reference_coso.py checks the default against the reference step.
 - Global class ids: each head's outputs are placed at its classes' global ids (the reference relabels classes).
 - The historical basis is stored per target as a tensor in the strategy state (resume-safe), concatenated without
   re-orthogonalisation as in the reference.
@@ -61,7 +62,8 @@ class CoSO(Strategy):
     def __init__(self, targets=("attn.proj",), proj_rank: int = 50, sketch_rank: int = 120, update_gap: int = 1,
                  energy_threshold: float = 0.98, fd_decay: float = 1.0, temperature: float = 3.0,
                  lr: float = 4e-4, fc_lr: float = 4e-4, betas=(0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, svd: str = "exact", head_init: str = "default", **hparams):
+                 weight_decay: float = 0.0, svd: str = "exact", head_init: str = "default", project_p: bool = False,
+                 **hparams):
         if svd not in SVD_MODES:
             raise ConfigError(f"strategy.svd='{svd}' is unknown: use one of {', '.join(SVD_MODES)}")
         if head_init not in HEAD_INITS:
@@ -69,7 +71,8 @@ class CoSO(Strategy):
         super().__init__(targets=list(targets), proj_rank=proj_rank, sketch_rank=sketch_rank,
                          update_gap=update_gap, energy_threshold=energy_threshold, fd_decay=fd_decay,
                          temperature=temperature, lr=lr, fc_lr=fc_lr, betas=list(betas), eps=eps,
-                         weight_decay=weight_decay, svd=svd, head_init=head_init, **hparams)
+                         weight_decay=weight_decay, svd=svd, head_init=head_init, project_p=bool(project_p),
+                         **hparams)
         self.h = self.hparams
         self._opt: CoSOAdam | None = None
 
@@ -116,7 +119,8 @@ class CoSO(Strategy):
         weights, head = groups
         self._opt = CoSOAdam(
             [{**weights, "lr": lr, "proj_rank": h["proj_rank"], "sketch_rank": h["sketch_rank"],
-              "update_gap": h["update_gap"], "decay": h["fd_decay"], "svd": h["svd"]},
+              "update_gap": h["update_gap"], "decay": h["fd_decay"], "svd": h["svd"],
+              "project_p": h["project_p"]},
              {**head, "lr": h["fc_lr"]}],
             betas=tuple(h["betas"]), eps=h["eps"], weight_decay=h["weight_decay"],
             bases=dict(zip(self.target_weights, self.bases)))

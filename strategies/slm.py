@@ -3,14 +3,17 @@
 Algorithm (per task t, reference `Pbihao/SLM`: `vectordb/` for the keys, `SLM-bert/models/{slm,retriever,bert}.py`):
 
     q(x)      = frozen sentence encoder, mean-pooled, split into `groups` chunks
-    stage 1   keys of task t's `slots_per_task` slots <- AdamW on  -mean cos(q_g, its top-k keys of task t)
-              (task t's data only; key dropout; the keys are then frozen)                          -> TaskKeys
+    stage 1   keys of task t's `slots_per_task` slots <- AdamW on  -mean cos(q_g, its top-`key_top_k` keys of
+              task t) (task t's data only; the top-k is picked after random key dropout, the loss reads the
+              undropped similarities; the keys are then frozen)                                   -> TaskKeys
     stage 2   slot j holds low-rank A_j, B_j per adapted layer (A = 0, B ~ N(0, 1));
               DTKR: s_j = mean over groups (and over the batch) of cos(q_g, key_gj) among seen tasks' slots,
                     top-K slots, w_j = s_j / sum s
               JARe: W_l <- W_l + sum_j w_j A_jl^T B_jl  on every attention-output projection
               train only task t's A, B and its label space's head with cross-entropy; every other slot and head
-              row is restored after each step (the reference's restore_other_task_weight_offset)
+              row is restored after each step (the reference's restore_other_task_weight_offset); the head of
+              a label space several tasks share is frozen before any training (SLM-bert/train.py:220-221), every
+              head after its task (:237-241)
     predict   retrieve (no task id), merge, one forward; the head of the retrieved task's label space
 
 Choices and differences from the reference code, and why:
@@ -56,11 +59,12 @@ DEFAULT_TARGETS = ("attention.output.dense", "self_attn.o_proj")
 class TaskKeys(nn.Module):
     """DTKR's keys: `[groups, pool, dim/groups]`, orthogonally initialised, `slots_per_task` consecutive slots per task."""
 
-    def __init__(self, dim: int, n_tasks: int, slots_per_task: int = 4, groups: int = 6, top_k: int = 4):
+    def __init__(self, dim: int, n_tasks: int, slots_per_task: int = 4, groups: int = 6, top_k: int = 4,
+                 key_top_k: int = 2):
         super().__init__()
         if dim % groups:
             raise ConfigError(f"query dim {dim} is not divisible by strategy.groups={groups}: pick a divisor of {dim}")
-        self.groups, self.slots, self.top_k = groups, slots_per_task, top_k
+        self.groups, self.slots, self.top_k, self.key_top_k = groups, slots_per_task, top_k, key_top_k
         keys = torch.empty(groups, n_tasks * slots_per_task, dim // groups)
         for g in range(groups):
             nn.init.orthogonal_(keys[g])
@@ -76,15 +80,16 @@ class TaskKeys(nn.Module):
 
     def train_task(self, queries: torch.Tensor, t: int, epochs: int = 3, lr: float = 1e-3, bs: int = 4,
                    dropout: float = 0.25, min_steps: int = 0) -> list[float]:
-        """Stage 1: only task t's slots move; loss -mean cos to the top-k of them (random key dropout).
-        Returns the mean loss per epoch."""
+        """Stage 1: only task t's slots move; loss -mean cos to the top-`key_top_k` of them, picked after random
+        key dropout (vectordb/models/retriever.py:99-108: the dropped copy picks the indices, the loss takes the
+        undropped similarities there). Returns the mean loss per epoch."""
         per_epoch = math.ceil(len(queries) / bs)
         epochs = max(epochs, math.ceil(min_steps / max(per_epoch, 1)))
         sl = self.task_slots(t)
         own = nn.Parameter(self.keys.detach()[:, sl].clone())  # task t's keys alone (the reference: a pool per
         opt = torch.optim.AdamW([own], lr=lr, weight_decay=0.01)  # task, merged afterwards)
         decay_at = max(1, round(epochs * 2 / 3))  # the reference: StepLR x0.1 after 2 of 3 epochs
-        k = min(self.top_k, self.slots)
+        k = min(self.key_top_k, self.slots)
         qg = F.normalize(queries.detach().float().view(len(queries), self.groups, -1), dim=-1)
         losses = []
         for epoch in range(epochs):
@@ -95,10 +100,11 @@ class TaskKeys(nn.Module):
             order = torch.randperm(len(qg)).to(qg.device)  # the reference's sampler shuffles each epoch
             for i in range(0, len(queries), bs):
                 s = torch.einsum("bgd,gpd->bgp", qg[order[i:i + bs]], F.normalize(own, dim=-1))
-                if dropout and self.slots > k:  # dropped keys cannot be among the top-k this step
-                    s = s.masked_fill(torch.rand_like(s) < dropout, -100.0)
-                top = s.topk(k, dim=-1).values
-                loss = -top[top > -100].mean()
+                pick = s.detach()
+                if dropout:  # dropped keys are picked only when fewer than k survive in a group; the mask is
+                    # drawn in logical [b, g, p] order (einsum's output strides would reorder rand_like's draws)
+                    pick = pick.masked_fill(torch.rand(pick.shape, device=pick.device) < dropout, -100.0)
+                loss = -s.gather(-1, pick.topk(k, dim=-1).indices).mean()
                 opt.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([own], 0.1)
@@ -167,16 +173,21 @@ class SLM(Strategy):
     def __init__(self, slots_per_task: int = 4, top_k: int = 4, rank: int = 12, groups: int = 6,
                  retrieval: str = "sample", targets: Sequence[str] = DEFAULT_TARGETS, retriever: str = "backbone",
                  retriever_max_length: int = 128, key_epochs: int = 3, key_lr: float = 1e-3, key_batch_size: int = 4,
-                 key_dropout: float = 0.25, key_min_steps: int = 100, **hparams):
+                 key_dropout: float = 0.25, key_min_steps: int = 100, key_top_k: int = 2,
+                 freeze_shared_heads: bool = True, **hparams):
         if retrieval not in ("sample", "batch"):
             raise ConfigError(f"strategy.retrieval {retrieval!r} unknown: expected sample or batch")
-        if top_k < 1 or slots_per_task < 1 or rank < 1:
-            raise ConfigError("strategy.top_k, slots_per_task and rank must be at least 1")
+        if top_k < 1 or slots_per_task < 1 or rank < 1 or key_top_k < 1:
+            raise ConfigError("strategy.top_k, key_top_k, slots_per_task and rank must be at least 1")
+        if not 0.0 <= float(key_dropout) < 1.0:
+            raise ConfigError(f"strategy.key_dropout must be in [0, 1), got {key_dropout}")
         super().__init__(slots_per_task=slots_per_task, top_k=top_k, rank=rank, groups=groups, retrieval=retrieval,
                          targets=list(targets), retriever=retriever, retriever_max_length=retriever_max_length,
                          key_epochs=key_epochs, key_lr=key_lr, key_batch_size=key_batch_size,
-                         key_dropout=key_dropout, key_min_steps=key_min_steps, **hparams)
+                         key_dropout=key_dropout, key_min_steps=key_min_steps, key_top_k=key_top_k,
+                         freeze_shared_heads=freeze_shared_heads, **hparams)
         self.slots, self.top_k, self.rank, self.groups = slots_per_task, top_k, rank, groups
+        self.key_top_k, self.freeze_shared_heads = int(key_top_k), bool(freeze_shared_heads)
         self.per_sample = retrieval == "sample"
         self.targets, self.retriever_path, self.retriever_max_length = tuple(targets), retriever, retriever_max_length
         self.key_cfg = dict(epochs=key_epochs, lr=key_lr, bs=key_batch_size, dropout=key_dropout,
@@ -196,8 +207,13 @@ class SLM(Strategy):
 
             self.query_encoder = HFTextEncoder(self.retriever_path, self.retriever_max_length).requires_grad_(False)
             dim = self.query_encoder.feature_dim
-        self.keys = TaskKeys(dim, info.n_experiences, self.slots, self.groups, self.top_k)
+        self.keys = TaskKeys(dim, info.n_experiences, self.slots, self.groups, self.top_k, self.key_top_k)
         self.head = nn.Linear(backbone.feature_dim, info.n_classes)
+        # rows of label spaces more than one task uses: frozen before any training (SLM-bert/train.py:220-221)
+        uses = torch.zeros(info.n_classes, dtype=torch.long)
+        for classes in info.classes_per_experience or []:
+            uses[list(classes)] += 1
+        self.register_buffer("shared_rows", (uses > 1) & self.freeze_shared_heads)
         self.key_losses: list[list[float]] = []
 
     # --- DTKR ----------------------------------------------------------------------------------------------
@@ -240,7 +256,7 @@ class SLM(Strategy):
         queries = torch.cat([self.query(texts[i:i + 64]) for i in range(0, len(texts), 64)])
         self.key_losses.append(self.keys.train_task(queries, t, **self.key_cfg))  # stage 1, then frozen
         self._task = t
-        self._rows = self.current_mask.clone()
+        self._rows = self.current_mask & ~self.shared_rows  # the head rows this task trains
         self._snapshot = [p.detach().clone() for p in self._value_params()]
         return self._value_params()
 
@@ -270,7 +286,7 @@ class SLM(Strategy):
 
     def trained_param_count(self) -> int | None:
         per_slot = sum(layer.A[0].numel() + layer.B[0].numel() for layer in self.jare)
-        rows = int(self.current_mask.sum())
+        rows = int((self.current_mask & ~self.shared_rows).sum())
         return self.slots * per_slot + rows * (self.head.in_features + 1)
 
     # --- inference -----------------------------------------------------------------------------------------

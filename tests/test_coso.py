@@ -147,7 +147,7 @@ def test_zero_heads_keep_each_heads_logits_zero_mean_and_the_schedule_is_the_ref
     shared component; from zeros the offset stays 0 and heads compete by their learnt margins."""
     from cl.strategy import Batch
 
-    coso, stream, x, y = tiny_coso("strategy.fc_lr=0.01")
+    coso, stream, x, y = tiny_coso("strategy.fc_lr=0.01", "strategy.head_init=zeros")  # the option (default: nn.Linear)
     coso.observe_classes(stream[0])
     opt = coso.configure_optimizer(coso.begin_experience(stream[0]))
     for epoch in range(3):
@@ -164,11 +164,12 @@ def test_zero_heads_keep_each_heads_logits_zero_mean_and_the_schedule_is_the_ref
 
 
 def test_the_strategy_updates_attn_proj_orthogonally_to_the_previous_tasks_basis():
-    """Through the strategy: task 0 trains, its end grows every target's basis M by the energy rule; task 1's
-    updates of the attn.proj weights then have no component in M (to float tolerance)."""
+    """Through the strategy with the project's `project_p` option (not the reference's default; its behaviour is
+    tests/test_reference_coso.py's): task 0 trains, its end grows every target's basis M by the energy rule; task
+    1's updates of the attn.proj weights then have no component in M (to float tolerance)."""
     from cl.strategy import Batch
 
-    coso, stream, _, _ = tiny_coso("strategy.head_init=default", "strategy.lr=0.01")
+    coso, stream, _, _ = tiny_coso("strategy.head_init=default", "strategy.lr=0.01", "strategy.project_p=true")
     for t in (0, 1):
         exp = stream[t]
         xs, ys = zip(*[exp.train[i] for i in range(16)])
@@ -202,8 +203,11 @@ def coso_runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("coso")
     out = {}
-    small = ["strategy.proj_rank=8", "strategy.sketch_rank=16"]
-    for name, extra in (("coso", []), ("coso_exact16", small), ("coso_fast16", [*small, "strategy.svd=fast"]),
+    # head_init=zeros (an option since issue 20; the default is the reference's nn.Linear init): on the random
+    # vit-tiny the random head offsets decide class-IL otherwise (docs/coso.md: 13.75 with the default init)
+    zeros = ["strategy.head_init=zeros"]
+    small = [*zeros, "strategy.proj_rank=8", "strategy.sketch_rank=16"]
+    for name, extra in (("coso", zeros), ("coso_exact16", small), ("coso_fast16", [*small, "strategy.svd=fast"]),
                         ("finetune", [])):
         cfg = compose_config([f"strategy={name.split('_')[0]}", *TINY, "trainer.epochs=5", *extra,
                               f"results_root={root}", "trainer.progress=false", "trainer.device=cpu"])
@@ -219,14 +223,15 @@ def test_coso_beats_finetune_on_the_tiny_stream(coso_runs):
 
 def test_coso_beats_finetune_under_plain_debug_fast(tmp_path):
     """The issue's literal setting: 2 steps per experience. finetune predicts one class (10.00); coso's zero-mean
-    heads already split the test set between heads (15.62 measured; a thin margin, the 5-epoch test is the robust
-    one)."""
+    heads (`head_init=zeros`, an option) already split the test set between heads (15.62 measured; a thin margin,
+    the 5-epoch test is the robust one). With the reference's head init (the default) coso also scores 10.00."""
     from cl.experiment import run_experiment
 
     last = {}
     for name in ("coso", "finetune"):
-        cfg = compose_config([f"strategy={name}", *TINY, f"results_root={tmp_path}", "trainer.progress=false",
-                              "trainer.device=cpu"])
+        extra = ["strategy.head_init=zeros"] if name == "coso" else []
+        cfg = compose_config([f"strategy={name}", *TINY, *extra, f"results_root={tmp_path}",
+                              "trainer.progress=false", "trainer.device=cpu"])
         last[name] = json.loads(run_experiment(cfg, out=lambda *a: None).read_text())["metrics"]["last_acc"]
     assert last["coso"] > last["finetune"], last
 
