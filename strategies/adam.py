@@ -53,6 +53,10 @@ class APER(Strategy):
         if kind == "adapter":
             peft.add_adapters(vit, bottleneck=self.h["ffn_num"], scale=self.h["adapter_scale"],
                               dropout=self.h["adapter_dropout"])
+        elif kind == "ssf" and not hasattr(vit, "patch_embed"):
+            # a CNN (EfficientNet-Lite, ResNet): SSF's per-channel scale and shift after every BatchNorm, the
+            # CNN placement of SSF (Lian et al. 2022 apply it after each operation); identity at init (issue 21)
+            peft.add_film_bn(vit)
         elif kind == "ssf":
             peft.add_ssf(vit)
         elif kind in ("vpt_shallow", "vpt_deep"):
