@@ -99,3 +99,48 @@ def test_random_init_is_marked():
 
     bb = build(config("efficientnet-lite0", pretrained=False))
     assert not bb.pretrained and bb.weights_id.startswith("random-init")
+
+
+# --- which strategies run on the CNN ----------------------------------------------------------------------------
+def tiny_fashion_root(tmp_path):
+    """Four idx files of 2 images per class (the reader's format), so runs need no installed dataset."""
+    import gzip
+    import struct
+
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for stem in ("train", "t10k"):
+        labels = np.repeat(np.arange(10, dtype=np.uint8), 2)
+        images = rng.integers(0, 255, (20, 28, 28), dtype=np.uint8)
+        for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
+            raw = bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+            (folder / f"{stem}-{kind}-ubyte.gz").write_bytes(gzip.compress(raw))
+    return tmp_path
+
+
+TINY = ["scenario=fashion-mnist", "backbone.input_size=32", "trainer.epochs=1", "trainer.batch_size=4"]
+
+
+@pytest.mark.parametrize("strategy", ["mos", "lae", "sema", "coso", "adam"])
+def test_vit_only_strategies_fail_at_start_on_the_cnn(compose, tmp_path, strategy):
+    from cl.errors import ConfigError
+    from cl.experiment import run_experiment
+
+    cfg = compose(*TINY, f"strategy={strategy}", f"data_root={tiny_fashion_root(tmp_path)}")
+    with pytest.raises(ConfigError, match="needs a ViT backbone") as e:
+        run_experiment(cfg, out=lambda *a: None)
+    msg = str(e.value)
+    assert "\n" not in msg and "efficientnet-lite0" in msg and "vit-b16" in msg
+    if strategy == "adam":
+        assert "strategy.peft=ssf" in msg
+
+
+@pytest.mark.parametrize("strategy", [["strategy=adam", "strategy.peft=ssf"], ["strategy=fsa", "strategy.adapt=film"],
+                                      ["strategy=derpp"], ["strategy=avalanche/naive"]])
+def test_cnn_strategies_run_on_efficientnet_lite0(compose, run_quiet, tmp_path, strategy):
+    path, _ = run_quiet(compose(*TINY, *strategy, f"data_root={tiny_fashion_root(tmp_path)}"))
+    r = __import__("json").loads(path.read_text())
+    assert r["status"] == "finished" and len(r["acc_matrix"]) == 5
+    if strategy[0] == "strategy=adam":  # SSF on a CNN: a scale-shift after every BatchNorm, trained in session 1
+        assert r["costs"]["per_experience"][0]["trainable_params"] > 0
