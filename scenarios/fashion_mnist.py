@@ -44,7 +44,8 @@ def read_idx(path: Path) -> np.ndarray:
         raise DatasetError(f"{path}: cannot read this idx file ({type(e).__name__}: {e}); "
                            f"reinstall it: {INSTALL_HINT}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DatasetError(f"{path}: not an unsigned-byte idx file (magic {raw[:4].hex()}); reinstall it: {INSTALL_HINT}")
+        raise DatasetError(f"{path}: not an unsigned-byte idx file (magic {raw[:4].hex()}); "
+                           f"reinstall it: {INSTALL_HINT}")
     ndim = raw[3]
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)

@@ -66,10 +66,10 @@ def test_aper_at_least_simplecil_on_every_seed(split_results):
 
 
 def test_joint_above_finetune(split_results, compose, run_quiet):
-    """Joint (every seen experience's data, from the initial weights) keeps old classes: far above finetune. At
-    this CPU budget (2 epochs: 26-63 steps of full fine-tuning) it stays below the frozen-feature methods; with
-    6 epochs it reaches 68.5 on seed 1, above SimpleCIL (66.5) and APER (68.0): the gap is the budget, not a
-    defect (docs/real_data.md)."""
+    """Joint (every seen experience's data, from the initial weights) keeps old classes: far above finetune.
+    At this CPU budget (2 epochs: 6 to 26 steps of full fine-tuning per experience) it stays below the
+    frozen-feature methods; with 6 epochs it reaches 68.5 on seed 1, above SimpleCIL (66.5) and APER (68.0):
+    the gap is the budget, not a defect (docs/real_data.md)."""
     path, _ = run_quiet(compose(*SIZES, "seed=1", "strategy=joint"))
     joint = json.loads(path.read_text())["metrics"]
     ft = split_results["finetune", 1]["metrics"]
