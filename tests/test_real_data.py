@@ -61,7 +61,8 @@ def test_aper_at_least_simplecil_on_every_seed(split_results):
     """APER = SimpleCIL's prototypes on [pre-trained, first-session-adapted] features: adapting to the first
     session's classes must not make the prototypes worse (the paper's APER >= SimpleCIL)."""
     scil, aper = last(split_results, "simplecil"), last(split_results, "aper")
-    assert all(a >= s for s, a in zip(scil, aper)), (scil, aper)
+    # per seed within one test image (0.25 points: seed 3 ties exactly, and thread counts move last digits)
+    assert all(a >= s - 0.25 for s, a in zip(scil, aper)), (scil, aper)
     assert sum(aper) / 3 > sum(scil) / 3, (scil, aper)  # measured gap 1.33 (APER's seed std 1.03, SimpleCIL's 0)
 
 
