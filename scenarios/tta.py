@@ -125,7 +125,7 @@ def _limit(y: torch.Tensor, limit, n_classes: int) -> torch.Tensor:
 def build_tta(cfg: dict, data_root=None) -> Stream:
     dataset = cfg.get("dataset")
     builders = {"synthetic-c": _synthetic_c, "cifar10-c": _cifar_c, "cifar100-c": _cifar_c,
-                "imagenet-c": _imagenet_c, "generated": _generated}
+                "imagenet-c": _imagenet_c, "generated": _generated, "fashion-mnist-c": _fashion_mnist_c}
     if dataset not in builders:
         raise ConfigError(f"tta dataset '{dataset}' unknown: expected one of {', '.join(builders)}")
     from scenarios.registry import resolve_data_root
@@ -161,6 +161,12 @@ def _stream(cfg: dict, domains, tests: list, train, n_classes: int, input_shape,
                              "order_starts": [] if cfg.get("mixed") else _order_starts(cfg),
                              "shuffle_within_domain": bool(cfg.get("shuffle_within_domain", False)), **extra})
     return Stream(exps, info)
+
+
+def _fashion_mnist_c(cfg: dict, data_root: Path) -> Stream:
+    from scenarios.fashion_mnist_c import build_fashion_mnist_c  # generated once, cached (scenarios/fashion_mnist_c.py)
+
+    return build_fashion_mnist_c(cfg, data_root)
 
 
 def _synthetic_c(cfg: dict, data_root: Path) -> Stream:

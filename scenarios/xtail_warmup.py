@@ -139,10 +139,11 @@ def cache_path(model_cfg: Mapping[str, Any], warmup: Mapping[str, Any]) -> tuple
 
 def cached_warm_weights(model_cfg: Mapping[str, Any], warmup: Mapping[str, Any]) -> tuple[Path, str]:
     """(path, key) of the warmed weights: trained only when `warmup.cache_dir` has no copy for these settings."""
-    path, key, settings = cache_path(model_cfg, warmup)
-    if not path.exists():
-        save(warm_up(settings), path)
-    return path, key
+    from cl.model_cache import cached_weights  # the one trained-once cache (key, own RNG, atomic write)
+
+    path, _, settings = cache_path(model_cfg, warmup)  # the same file name cached_weights derives
+    return cached_weights(path.parent, "clip-xtail", settings, lambda: warm_up(settings),
+                          seed=int(settings["warmup"]["seed"]))
 
 
 def save(state: Mapping[str, torch.Tensor], path: Path) -> Path:

@@ -62,10 +62,39 @@ def check_supported(name: str, kind: str) -> None:
                           f"{', '.join(cls.supports)}); strategies for {kind}: {', '.join(able) or 'none yet'}")
 
 
+# Strategies whose modules live inside transformer blocks (issue 21): on a CNN they fail at start, in one line.
+NEEDS_VIT_BLOCKS = {
+    "mos": "adapters in every ViT block's MLP",
+    "lae": "adapters/prefixes in ViT blocks",
+    "sema": "mixtures of adapters in ViT blocks' MLPs",
+    "coso": "projected updates of the attention projections (attn.proj)",
+}
+ADAM_VIT_PEFT = ("adapter", "vpt_shallow", "vpt_deep")
+
+
+def has_attention_blocks(backbone) -> bool:
+    """True for ViT-style backbones (timm ViT blocks and open_clip residual blocks both have an `.attn`)."""
+    model = getattr(backbone, "model", backbone)
+    return any(hasattr(m, "attn") for m in model.modules())
+
+
+def check_backbone(name: str, params: Mapping[str, Any], backbone) -> None:
+    """Fails before any work when the strategy needs ViT blocks and the backbone (a CNN) has none."""
+    why, hint = NEEDS_VIT_BLOCKS.get(name), ""
+    if name == "adam" and params.get("peft", "adapter") in ADAM_VIT_PEFT:
+        why = f"APER's peft={params.get('peft', 'adapter')} sits in ViT blocks"
+        hint = "; or, on this CNN, strategy.peft=ssf (scale-shift after every BatchNorm) or strategy.peft=finetune"
+    if why and backbone is not None and not has_attention_blocks(backbone):
+        raise ConfigError(f"strategy '{name}' needs a ViT backbone ({why}) and backbone "
+                          f"'{getattr(backbone, 'name', '?')}' has no attention blocks: use backbone=vit-tiny, "
+                          f"vit-b16 or vit-b16-in21k{hint}")
+
+
 def build(cfg: Mapping[str, Any], backbone, info) -> Strategy:
     params = {k: v for k, v in dict(cfg).items() if k not in ("name", "train")}
     cls = get_class(cfg["name"])
     check_supported(cfg["name"], info.kind)
+    check_backbone(cfg["name"], params, backbone)
     strategy = cls(**params)
     strategy.setup(backbone, info)
     return strategy

@@ -70,6 +70,10 @@ class APER(Strategy):
         if kind == "adapter":
             peft.add_adapters(vit, bottleneck=self.h["ffn_num"], scale=self.h["adapter_scale"],
                               dropout=self.h["adapter_dropout"])
+        elif kind == "ssf" and not hasattr(vit, "patch_embed"):
+            # a CNN (EfficientNet-Lite, ResNet): SSF's per-channel scale and shift after every BatchNorm, the
+            # CNN placement of SSF (Lian et al. 2022 apply it after each operation); identity at init (issue 21)
+            peft.add_film_bn(vit)
         elif kind == "ssf":
             # RevisitingCIL convs/vision_transformer_ssf.py:378-385: scale ~ N(1, 0.02), shift ~ N(0, 0.02)
             peft.add_ssf(vit, init_std=float(self.h["ssf_init_std"]))
