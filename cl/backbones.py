@@ -35,6 +35,7 @@ SOURCES: dict[str, str] = {
     "open_clip": "cl.backbones_open_clip:build_open_clip",
     "timm-cifar": "cl.backbones_cifar:build_timm_cifar",  # ResNets with the 3x3 CIFAR stem (SparCL, DER++)
     "robustbench": "cl.backbones_robustbench:build_robustbench",  # CTTA source classifiers (WRN-28-10, ResNeXt-29, R50)
+    "vit-warmup": "scenarios.vit_warmup:build_source",  # vit-tiny pre-trained once on disjoint procedural classes
 }
 
 
