@@ -28,7 +28,7 @@ from cl.errors import ConfigError
 from cl.pretrain_cache import cache_file, cached_weights
 
 PATTERN_TAG, RENDER_TAG = 5, 6  # scenarios.synthetic's random-stream tags: 0-3 streams, 4 xtail warm-up
-DEFAULTS = {"n_classes": 64, "per_class": 40, "difficulty": 1.0, "noise": 0.15, "steps": 200, "batch_size": 32,
+DEFAULTS = {"n_classes": 64, "per_class": 40, "difficulty": 0.3, "noise": 0.15, "steps": 200, "batch_size": 32,
             "lr": 1e-3, "weight_decay": 0.05, "seed": 0, "clip_grad": 1.0}
 MODEL_KEYS = ("arch", "kwargs", "in_chans", "input_size")
 
