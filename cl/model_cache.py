@@ -1,24 +1,28 @@
 """Weights the project trains once and reuses: the one mechanism behind every cached "pre-trained" model.
 
 Users: synthetic-c's source ResNet (scenarios/synthetic_c.py), synthetic-xtail's warmed tiny CLIP
-(scenarios/xtail_warmup.py) and fashion-mnist-c's fine-tuned EfficientNet-Lite0 (scenarios/fashion_mnist_c.py).
+(scenarios/xtail_warmup.py), fashion-mnist-c's fine-tuned EfficientNet-Lite0 (scenarios/fashion_mnist_c.py) and the
+pre-trained tiny ViT (scenarios/vit_warmup.py).
 
 - **Key**: a hash of every setting the weights depend on (JSON, sorted keys), never of where the cache lives;
   the file is `<cache_dir>/<prefix>-<key>.safetensors`.
-- **Own RNG**: training runs under `torch.random.fork_rng` seeded from the settings, so building the cache leaves
-  the asking run's random state as it found it: a run gives the same numbers whether the cache existed or not.
+- **Own RNG**: training runs under `isolated_rng` (torch, NumPy and Python states restored), so building the cache
+  leaves the asking run's random state as it found it: a run gives the same numbers whether the cache existed or not.
 - **Atomic**: written to a uniquely named temporary file, then renamed; concurrent first runs each train a copy
   and one of them wins, a reader never sees half a file.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import random
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
+import numpy as np
 import torch
 
 
@@ -41,16 +45,30 @@ def save_atomic(state: Mapping[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def isolated_rng(seed: int | None = None) -> Iterator[None]:
+    """The body runs under its own RNG: torch's (CPU, and CUDA where initialised), NumPy's and Python's global
+    states are restored after it, so a cache built inside a run leaves that run's draws as they were."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.manual_seed(int(seed))
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
 def cached_weights(cache_dir: str | os.PathLike, prefix: str, settings: Mapping[str, Any],
-                   train: Callable[[], Mapping[str, torch.Tensor]], seed: int = 0) -> tuple[Path, str]:
+                   train: Callable[[], Mapping[str, torch.Tensor]], seed: int | None = 0) -> tuple[Path, str]:
     """(file, key) of the weights `train()` returns for `settings`, trained only when the cache has no copy.
 
-    `train` runs with torch's CPU (and CUDA) RNG forked and seeded with `seed`; it returns a state dict."""
+    `train` runs under `isolated_rng(seed)`; it returns a state dict."""
     path, key = cache_file(cache_dir, prefix, settings)
     if not path.exists():
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(seed))
+        with isolated_rng(seed):
             state = train()
         save_atomic(state, path)
     return path, key

@@ -30,6 +30,7 @@ def load_synthetic(cfg: dict, data_root: Path) -> LoadedData:
         test_per_class=get_int(sub, "test_per_class", 20, minimum=1, where=where),
         noise=get_float(sub, "noise", 0.15, where=where),
         seed=get_int(sub, "seed", 0, minimum=0, where=where),
+        difficulty=get_float(sub, "difficulty", 0.0, where=where),
     )
     return LoadedData(train, test, train.domains, test.domains)
 

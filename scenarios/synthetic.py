@@ -3,6 +3,12 @@
 Each class is a seeded pattern (an oriented colour grating plus a few colour blobs); each domain restyles every
 image the same way (inversion, tint, contrast, offset, smoothing), so domain-IL shifts the input distribution
 while keeping the classes. Every sample gets a small random shift and Gaussian noise.
+
+`difficulty` (default 0: the images are exactly those of difficulty-free versions) adds per-sample nuisances that
+carry no class information: a larger shift, a random contrast, colour gain and offset, and a random background
+grating ("clutter"), each scaled by `difficulty`. A randomly initialised network's class means are dominated by
+such nuisances; a network pre-trained to ignore them (scenarios/vit_warmup.py, on classes no stream uses) is not.
+So `difficulty` makes the pre-trained-model methods separate: see docs/tiny_vit.md for the measurement.
 """
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ from scenarios.in_memory import TensorImageDataset
 
 # Stream tags for the seeded generators, so patterns, styles and samples never share random numbers.
 _PATTERN, _STYLE, _TRAIN, _TEST = 0, 1, 2, 3
+# Tags 4 (scenarios.xtail_warmup's pre-training renders) and 5, 6 (scenarios.vit_warmup's pre-training class
+# patterns and renders) are taken: no stream draws from them, which is what makes those pre-training sets disjoint.
 
 
 def make_synthetic(
@@ -24,6 +32,7 @@ def make_synthetic(
     test_per_class: int = 20,
     noise: float = 0.15,
     seed: int = 0,
+    difficulty: float = 0.0,
 ) -> tuple[TensorImageDataset, TensorImageDataset]:
     """(train, test) uint8 [N, channels, image_size, image_size]; `*_per_class` counts are per domain.
 
@@ -31,13 +40,15 @@ def make_synthetic(
     of a class come from every domain. Deterministic for a given `seed`.
     """
     _validate(n_classes, n_domains, image_size, channels, train_per_class, test_per_class, noise, seed)
+    if not 0 <= difficulty <= 2:
+        raise ConfigError(f"synthetic: invalid difficulty={difficulty!r} (expected 0 <= difficulty <= 2; 0 = plain)")
     patterns = np.stack([_class_pattern(c, image_size, channels, seed) for c in range(n_classes)])
     styles = [_domain_style(d, channels, seed) for d in range(n_domains)]
     names = [f"class_{c}" for c in range(n_classes)]
     splits = []
     for tag, per_class in ((_TRAIN, train_per_class), (_TEST, test_per_class)):
         rng = np.random.default_rng([seed, tag])
-        images, labels, domains = _render(patterns, styles, per_class, noise, rng)
+        images, labels, domains = _render(patterns, styles, per_class, noise, rng, difficulty)
         splits.append(TensorImageDataset(images, labels, class_names=names, domains=domains))
     return splits[0], splits[1]
 
@@ -63,9 +74,11 @@ def _validate(n_classes, n_domains, image_size, channels, train_per_class, test_
         )
 
 
-def _class_pattern(c: int, size: int, channels: int, seed: int) -> np.ndarray:
-    """A [channels, size, size] pattern in [0.1, 0.9]: a low-frequency grating plus two blobs, each coloured."""
-    rng = np.random.default_rng([seed, _PATTERN, c])
+def _class_pattern(c: int, size: int, channels: int, seed: int, tag: int = _PATTERN) -> np.ndarray:
+    """A [channels, size, size] pattern in [0.1, 0.9]: a low-frequency grating plus two blobs, each coloured.
+
+    `tag` names the random stream; every scenario uses `_PATTERN`, pre-training sets their own tag."""
+    rng = np.random.default_rng([seed, tag, c])
     v, u = np.meshgrid(np.linspace(0, 1, size, endpoint=False), np.linspace(0, 1, size, endpoint=False), indexing="ij")
     theta, freq, phase = rng.uniform(0, np.pi), rng.uniform(1.0, 3.0), rng.uniform(0, 2 * np.pi)
     grating = 0.5 + 0.5 * np.cos(2 * np.pi * freq * (u * np.cos(theta) + v * np.sin(theta)) + phase)
@@ -114,10 +127,29 @@ def _box_blur3(x: np.ndarray) -> np.ndarray:
     return sum(padded[..., i : i + h, j : j + w] for i in range(3) for j in range(3)) / np.float32(9.0)
 
 
-def _render(patterns: np.ndarray, styles: list[dict], per_class: int, noise: float, rng: np.random.Generator):
-    """Shifted, styled, noisy copies of every pattern, `per_class` per (class, domain), in a shuffled order."""
+def _nuisance(x: np.ndarray, difficulty: float, rng: np.random.Generator) -> np.ndarray:
+    """Per-sample contrast, colour gain/offset and a background grating, each scaled by `difficulty` (in place)."""
+    n, channels, size, _ = x.shape
+    d = np.float32(difficulty)
+    contrast = rng.uniform(1 - 0.5 * d, 1, size=(n, 1, 1, 1)).astype(np.float32)
+    gain = rng.uniform(1 - 0.5 * d, 1 + 0.3 * d, size=(n, channels, 1, 1)).astype(np.float32)
+    offset = rng.uniform(-0.2 * d, 0.2 * d, size=(n, channels, 1, 1)).astype(np.float32)
+    theta, freq, phase = rng.uniform(0, np.pi, n), rng.uniform(1.0, 4.0, n), rng.uniform(0, 2 * np.pi, n)
+    v, u = np.meshgrid(np.linspace(0, 1, size, endpoint=False), np.linspace(0, 1, size, endpoint=False), indexing="ij")
+    arg = 2 * np.pi * freq[:, None, None] * (u * np.cos(theta)[:, None, None] + v * np.sin(theta)[:, None, None])
+    clutter = (np.cos(arg + phase[:, None, None]) * 0.5).astype(np.float32)[:, None]  # [n, 1, S, S] in [-.5, .5]
+    clutter_colour = rng.uniform(0, 1, size=(n, channels, 1, 1)).astype(np.float32)
+    x = 0.5 + contrast * (x - 0.5)
+    return x * gain + offset + 0.5 * d * clutter_colour * clutter
+
+
+def _render(patterns: np.ndarray, styles: list[dict], per_class: int, noise: float, rng: np.random.Generator,
+            difficulty: float = 0.0):
+    """Shifted, styled, noisy copies of every pattern, `per_class` per (class, domain), in a shuffled order.
+
+    With `difficulty` 0 the draws (and so the images) are exactly those of the plain stream."""
     n_classes, channels, size, _ = patterns.shape
-    max_shift = max(1, size // 16)
+    max_shift = max(1, size // 16) + int(round(difficulty * size / 16))
     labels = np.repeat(np.arange(n_classes), per_class)
     images, all_labels, all_domains = [], [], []
     for d, style in enumerate(styles):
@@ -127,6 +159,8 @@ def _render(patterns: np.ndarray, styles: list[dict], per_class: int, noise: flo
             chosen = np.flatnonzero((shifts == shift).all(axis=1))
             x[chosen] = np.roll(patterns[labels[chosen]], tuple(shift), axis=(-2, -1))
         x = _apply_style(x, style)
+        if difficulty > 0:
+            x = _nuisance(x, difficulty, rng)
         x += noise * rng.standard_normal(size=x.shape, dtype=np.float32)
         images.append(np.rint(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8))
         all_labels.append(labels)

@@ -9,7 +9,8 @@ module renders, for every class of every dataset of the stream, `per_class` imag
 but from a random stream of their own (tag `PRETRAIN_TAG`; the stream's train and test images use
 `scenarios.synthetic`'s tags 2 and 3), so the pre-training images are disjoint from the stream's train and test
 images. It trains clip-tiny CLIP-style (symmetric image<->prompt cross-entropy, both towers, AdamW, cosine) and
-saves the weights as a safetensors file keyed by every setting, written atomically, reused by every later run.
+saves the weights as a safetensors file keyed by every setting, written atomically, reused by every later run
+(the cache mechanism is cl/model_cache.py, shared with scenarios/vit_warmup.py).
 
 Backbone config `clip-tiny-xtail` (`warmup:` block) asks `cl/backbones_open_clip.py` for it; the cache build
 takes a few seconds on a CPU. By hand:
@@ -18,7 +19,6 @@ takes a few seconds on a CPU. By hand:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from cl.errors import ConfigError
+from cl.model_cache import cache_file, cached_weights, save_atomic
 
 PRETRAIN_TAG = 4  # scenarios.synthetic's random-stream tags: 0 pattern, 1 style, 2 train, 3 test
 DEFAULTS = {"steps": 100, "batch_size": 64, "lr": 5e-4, "weight_decay": 0.1, "per_class": 40, "seed": 0, "clip_grad": 1.0,
@@ -132,9 +133,8 @@ def warm_up(settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 def cache_path(model_cfg: Mapping[str, Any], warmup: Mapping[str, Any]) -> tuple[Path, str, dict]:
     """(file, key, settings): the key is a hash of every setting the weights depend on (not of `cache_dir`)."""
     settings = settings_of(model_cfg, warmup)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(str(warmup.get("cache_dir") or "data/xtail-warmup-cache")).expanduser()
-    return root / f"clip-xtail-{key}.safetensors", key, settings
+    path, key = cache_file(warmup.get("cache_dir") or "data/xtail-warmup-cache", "clip-xtail", settings)
+    return path, key, settings
 
 
 def cached_warm_weights(model_cfg: Mapping[str, Any], warmup: Mapping[str, Any]) -> tuple[Path, str]:
@@ -147,14 +147,8 @@ def cached_warm_weights(model_cfg: Mapping[str, Any], warmup: Mapping[str, Any])
 
 
 def save(state: Mapping[str, torch.Tensor], path: Path) -> Path:
-    """Atomic write: a concurrent first run trains its own copy and one of them wins."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{np.random.randint(1 << 30)}.tmp")
-    save_file(dict(state), str(tmp))
-    tmp.replace(path)
-    return path
+    """Atomic write (cl/model_cache.save_atomic)."""
+    return save_atomic(state, path)
 
 
 def save_warm_clip(path: str | Path, steps: int = DEFAULTS["steps"]) -> Path:
