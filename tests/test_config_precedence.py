@@ -49,7 +49,7 @@ PAIRS = [(s, n) for s in OWNING for n in strategies.names()
 
 def test_the_ctta_scenarios_own_their_batch_size():
     assert {k: v["batch_size"] for k, v in OWNING.items()} == {
-        "cifar10-c": 200, "cifar100-c": 200, "imagenet-c": 64, "synthetic-c": 50}
+        "cifar10-c": 200, "cifar100-c": 200, "imagenet-c": 64, "synthetic-c": 50, "fashion-mnist-c": 50}
     assert {n for _, n in PAIRS} >= {"source", "bn_adapt", "tent", "cotta", "ecotta", "psmt"}
 
 

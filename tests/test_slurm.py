@@ -183,10 +183,13 @@ def test_status_says_why_a_job_waits_and_the_fix(slurm_cluster, tmp_path):
         return
     ids = [j["job_id"] for j in json.loads((folder / "sweep.json").read_text())["jobs"]]
     try:
-        time.sleep(3)  # the scheduler's first pass sets the reason
-        s = subprocess.run([sys.executable, script, "--status", str(folder)], cwd=ROOT, capture_output=True,
-                           text=True, timeout=120)
-        line = next(line for line in s.stdout.splitlines() if ids[0] in line)
+        for _ in range(30):  # submitit reads the state from squeue/sacct: UNKNOWN until the scheduler has seen it
+            time.sleep(1)
+            s = subprocess.run([sys.executable, script, "--status", str(folder)], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120)
+            line = next(line for line in s.stdout.splitlines() if ids[0] in line)
+            if "waits (" in line:
+                break
         assert "PENDING" in line and "waits (" in line, s.stdout + s.stderr
         assert "asks 64 CPUs" in line and "CLBENCH_SLURM_CPUS=" in line, line
         assert "1 pending" in s.stdout
