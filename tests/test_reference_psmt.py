@@ -28,30 +28,11 @@ import strategies.cotta as cotta_mod
 import strategies.psmt as psmt_mod
 from cl.stream import StreamInfo
 from strategies.psmt import PSMT
-
-
-class Tiny(nn.Module):
-    is_classifier = True
-    input_size, in_chans = 8, 3
-
-    def __init__(self):
-        super().__init__()
-        self.f = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.SiLU(),
-                               nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.SiLU(),
-                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
-
-    def forward(self, x):
-        return self.f(x)
+from tta_tiny import Tiny, source_model as tiny_source_model  # noqa: F401
 
 
 def source_model():
-    torch.manual_seed(0)
-    m = Tiny()
-    with torch.no_grad():
-        for bn in (m.f[1], m.f[4]):
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.3, 0.3)
-    return m
+    return tiny_source_model(source_statistics=False)
 
 
 def info():
