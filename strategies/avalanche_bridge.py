@@ -205,6 +205,10 @@ class AvalancheICaRL(AvalancheStrategy):
 
     name = "avalanche/icarl"
     avalanche_class = "ICaRL"
+    # Class-incremental by construction: Avalanche's ICaRL grows its class-mean table by each experience's classes,
+    # so a domain-incremental stream (the same classes again) gave 40 logits for 10 classes (found by
+    # scripts/benchmark.py); run.py now refuses the pair at start instead.
+    supports = ("class_il", "task_il")
     strategy_fields = ("memory_size", "fixed_memory")
 
     def build_avalanche(self, device: torch.device):
