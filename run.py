@@ -15,7 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cl.cli import check_group_overrides, explain_config_error, fail, is_config_error, normalize_overrides
+from cl.app.cli import check_group_overrides, explain_config_error, fail, is_config_error, normalize_overrides
 
 
 class _TaskError(Exception):
@@ -34,8 +34,8 @@ def _main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from cl.errors import EXIT_INTERRUPTED, ClbenchError, ConfigError, NonFiniteLossError, RunInterrupted
-    from cl.trainer_config import check_values
+    from cl.engine.errors import EXIT_INTERRUPTED, ClbenchError, ConfigError, NonFiniteLossError, RunInterrupted
+    from cl.engine.trainer_config import check_values
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
@@ -48,7 +48,7 @@ def _main(cfg: DictConfig) -> None:
         if container is None:
             raise ConfigError(message)
         check_values(container)  # every value error before torch, timm and the strategies are imported
-        from cl.experiment import run_experiment
+        from cl.app.experiment import run_experiment
 
         path = run_experiment(container)
     except RunInterrupted as exc:

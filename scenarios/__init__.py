@@ -1,24 +1,24 @@
-"""Scenario builders: a config in, a `cl.stream.Stream` out.
+"""Scenario builders: a config in, a `cl.engine.stream.Stream` out.
 
-`build(cfg)` looks the dataset up in the registry (`scenarios.registry.DATASETS`), loads its train/test
-splits and cuts them into experiences with `scenarios.builders`.
+`build(cfg)` looks the dataset up in the registry (`scenarios.datasets.registry.DATASETS`), loads its train/test
+splits and cuts them into experiences with `scenarios.kinds.builders`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from cl.errors import ConfigError
-from cl.stream import Stream
-from scenarios import loaders as _builtin_loaders  # noqa: F401  (registers digits, synthetic, imagefolder)
-from scenarios import benchmarks as _benchmarks  # noqa: F401  (registers cifar100, imagenet-r, ... vtab)
-from scenarios import domainnet as _domainnet  # noqa: F401  (registers domainnet: CoSO's InfLoRA split lists)
-from scenarios import cifar10 as _cifar10  # noqa: F401  (registers cifar10: torchvision's cifar-10-batches-py)
-from scenarios import tiny_imagenet as _tiny_imagenet  # noqa: F401  (registers tiny-imagenet: tiny-imagenet-200/)
-from scenarios import fashion_mnist as _fashion_mnist  # noqa: F401  (registers fashion-mnist: the idx.gz files)
-from scenarios.builders import class_incremental, class_order, domain_incremental, task_splits
+from cl.engine.errors import ConfigError
+from cl.engine.stream import Stream
+from scenarios.datasets import loaders as _builtin_loaders  # noqa: F401  (registers digits, synthetic, imagefolder)
+from scenarios.datasets import benchmarks as _benchmarks  # noqa: F401  (registers cifar100, imagenet-r, ... vtab)
+from scenarios.datasets import domainnet as _domainnet  # noqa: F401  (registers domainnet: CoSO's InfLoRA split lists)
+from scenarios.datasets import cifar10 as _cifar10  # noqa: F401  (registers cifar10: torchvision's cifar-10-batches-py)
+from scenarios.datasets import tiny_imagenet as _tiny_imagenet  # noqa: F401  (registers tiny-imagenet: tiny-imagenet-200/)
+from scenarios.datasets import fashion_mnist as _fashion_mnist  # noqa: F401  (registers fashion-mnist: the idx.gz files)
+from scenarios.kinds.builders import class_incremental, class_order, domain_incremental, task_splits
 from scenarios.config import as_dict, check_choice, get_bool, get_int, get_str
-from scenarios.datasets import (
+from scenarios.datasets.base import (
     ImageFolderDataset,
     TargetSubset,
     TensorImageDataset,
@@ -26,20 +26,20 @@ from scenarios.datasets import (
     make_synthetic,
     read_imagefolder_split,
 )
-from scenarios.registry import DATASETS, LoadedData, get_loader, register_dataset, resolve_data_root
+from scenarios.datasets.registry import DATASETS, LoadedData, get_loader, register_dataset, resolve_data_root
 
 BUILD_KINDS = ("class_il", "task_il", "domain_il")
 # Kinds with a builder of their own: "module:function(cfg, data_root) -> Stream", imported when used.
 KIND_BUILDERS: dict[str, str] = {
-    "fscil": "scenarios.fscil:build_fscil",
-    "tta": "scenarios.tta:build_tta",
-    "union_label": "scenarios.union_label:build_union_label",
-    "forgetting": "scenarios.forgetting:build_forgetting",
-    "text": "scenarios.text:build_text",
+    "fscil": "scenarios.kinds.fscil:build_fscil",
+    "tta": "scenarios.kinds.tta:build_tta",
+    "union_label": "scenarios.kinds.union_label:build_union_label",
+    "forgetting": "scenarios.kinds.forgetting:build_forgetting",
+    "text": "scenarios.kinds.text:build_text",
 }
 # Datasets that come with their own stream builder (same signature), whatever the kind.
 DATASET_BUILDERS: dict[str, str] = {
-    "avalanche": "scenarios.avalanche_benchmarks:build_avalanche",
+    "avalanche": "scenarios.datasets.avalanche_benchmarks:build_avalanche",
 }
 DEFAULT_CLASS_ORDER_SEED = 1993  # the PILOT family's seed
 
@@ -57,7 +57,7 @@ def build(cfg: Any, data_root: str | Path | None = None) -> Stream:
     kind = get_str(cfg, "kind", "class_il")
     check_choice("scenario kind", kind, (*BUILD_KINDS, *KIND_BUILDERS))
     if dataset in DATASET_BUILDERS:  # a whole stream made elsewhere, e.g. Avalanche's benchmark generators
-        from cl.lazy import load
+        from cl.engine.lazy import load
 
         stream = load(DATASET_BUILDERS[dataset])(cfg, data_root)
         if stream.info.kind != kind:
@@ -65,7 +65,7 @@ def build(cfg: Any, data_root: str | Path | None = None) -> Stream:
                               f"set scenario.kind={stream.info.kind}")
         return stream
     if kind in KIND_BUILDERS:  # e.g. fscil: a base session plus N-way K-shot sessions
-        from cl.lazy import load
+        from cl.engine.lazy import load
 
         return load(KIND_BUILDERS[kind])(cfg, data_root)
     loader = get_loader(dataset)
@@ -75,7 +75,7 @@ def build(cfg: Any, data_root: str | Path | None = None) -> Stream:
     if kind != "domain_il":
         init_cls, increment = _increments(cfg)
     data = loader({**cfg, "name": name}, resolve_data_root(data_root))
-    from cl.cache import attach_image_cache  # scenario.image_cache: decode-once uint8 cache (issue 10)
+    from cl.engine.cache import attach_image_cache  # scenario.image_cache: decode-once uint8 cache (issue 10)
 
     attach_image_cache((data.train, data.test), cfg)
     if kind == "domain_il":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Iterable, Mapping
 
-from cl.errors import ConfigError
+from cl.engine.errors import ConfigError
 
 _MISSING = object()
 

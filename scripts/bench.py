@@ -59,9 +59,10 @@ def _autocast(device: torch.device):
 def _adapter_step_parts(backbone_cfg: dict, batch: int, device: torch.device):
     """The ceiling's pieces: frozen backbone with AdaptFormer adapters (bottleneck 16), a 200-way head, SGD over
     adapters + head, and one random device-resident batch."""
-    from cl import backbones, peft
+    from cl.app.registry import build_backbone
+    from cl.models import peft
 
-    bb = backbones.build(backbone_cfg).to(device)
+    bb = build_backbone(backbone_cfg).to(device)
     bb.requires_grad_(False)
     adapters = peft.add_adapters(bb.model, bottleneck=16, scale=0.1, dropout=0.1).to(device)
     head = torch.nn.Linear(bb.feature_dim, 200).to(device)
@@ -126,8 +127,8 @@ def _overrides(name: str, s: dict, device: torch.device, results: Path) -> list[
 
 
 def run_strategy(name: str, s: dict, device: torch.device, results: Path) -> dict:
-    from cl.cli import compose_config
-    from cl.experiment import run_experiment
+    from cl.app.cli import compose_config
+    from cl.app.experiment import run_experiment
 
     cfg = compose_config(_overrides(name, s, device, results))
     t = time.perf_counter()
@@ -140,7 +141,7 @@ def run_strategy(name: str, s: dict, device: torch.device, results: Path) -> dic
     eval_images = sum(c["eval_images_per_s"] * c["eval_s"] for c in per if c["eval_images_per_s"])
     eval_ips = eval_images / max(sum(c["eval_s"] for c in per), 1e-9)
     import strategies
-    from cl.lazy import load
+    from cl.engine.lazy import load
 
     sgd = getattr(load(strategies.REGISTRY[name]), "uses_sgd", True)
     return {"sgd": sgd, "train_ips": train_ips, "eval_ips": eval_ips, "s_per_exp": sum(c["wall_s"] for c in per) / len(per),
@@ -151,8 +152,8 @@ def run_strategy(name: str, s: dict, device: torch.device, results: Path) -> dic
 def ema_kernel(n: int, device: torch.device, repeats: int = 5) -> tuple[float | None, float]:
     """(kernel ms or None, best PyTorch ms) for EMA + restore p=0.01 of n float32 parameters on flat buffers.
     The PyTorch side is its fastest form: one flat lerp and a `torch.rand` restore (the hash reference of
-    cl/ops.py draws the kernel's exact numbers but is much slower: it is for tests, not a baseline)."""
-    from cl import ops
+    cl/models/ops.py draws the kernel's exact numbers but is much slower: it is for tests, not a baseline)."""
+    from cl.models import ops
 
     off, on, src = (torch.randn(n, device=device) for _ in range(3))
 
@@ -183,12 +184,12 @@ def mos_eval(s: dict, device: torch.device, repeats: int = 5) -> tuple[float, fl
     (random adapters: the cost does not depend on their values)."""
     import scenarios
     import strategies
-    from cl import backbones
-    from cl.cli import compose_config
+    from cl.app.registry import build_backbone
+    from cl.app.cli import compose_config
 
     cfg = compose_config(_overrides("mos", s, device, Path(".")))
     stream = scenarios.build(cfg["scenario"])
-    bb = backbones.build(cfg["backbone"])
+    bb = build_backbone(cfg["backbone"])
     mos = strategies.build(cfg["strategy"], bb, stream.info).to(device)
     with torch.no_grad():
         for t in range(s["tasks"]):
@@ -256,9 +257,9 @@ def loader_speed(s: dict, folder: Path, n: int) -> tuple[float, float, float]:
     import numpy as np
     from PIL import Image
 
-    from cl import cache
-    from cl.data import make_loader
-    from scenarios.imagefolder import ImageFolderDataset
+    from cl.engine import cache
+    from cl.engine.data import make_loader
+    from scenarios.datasets.imagefolder import ImageFolderDataset
 
     w, h = (96, 72) if s["size"] <= 64 else (400, 300)
     rng = np.random.default_rng(0)
@@ -306,7 +307,7 @@ def main(argv=None, out=print) -> int:
     if args.cpu:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     s = CPU if args.cpu else GPU
-    from cl.cli import compose_config
+    from cl.app.cli import compose_config
 
     bcfg = compose_config([f"backbone={s['backbone']}", "trainer.device=cpu",
                            *([] if s["backbone"] == "vit-tiny" else ["backbone.pretrained=false"])])["backbone"]
@@ -315,7 +316,7 @@ def main(argv=None, out=print) -> int:
     steps = args.ceiling_steps or (10 if args.cpu else 50)
     where = f"{s['backbone']} batch {s['batch']} {s['size']}px on {device.type}"
     if not args.no_kernel:  # build (or load from the cache) before anything is timed
-        from cl import ops
+        from cl.models import ops
         t = time.perf_counter()
         built = ops.load_extension() is not None
         out(f"ema-build {time.perf_counter() - t:.1f} s (not in any ratio; cold or cached) | "

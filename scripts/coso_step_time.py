@@ -6,7 +6,7 @@
 
 One step = forward, cross-entropy, backward and optimiser step on random images (a randomly initialised timm ViT:
 the weights do not change the cost). finetune: torch.optim.Adam on every parameter and the head. coso: the frozen
-ViT except every attn.proj weight and the head, `cl.subspace.CoSOAdam` with the given ranks (K = 1, an SVD refresh
+ViT except every attn.proj weight and the head, `cl.models.subspace.CoSOAdam` with the given ranks (K = 1, an SVD refresh
 every step), `exact` and `fast`. The optimiser step alone is timed as well. Prints one line per method and the
 ratios; times are medians over --steps steps after --warmup.
 """
@@ -20,7 +20,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from cl.subspace import CoSOAdam
+from cl.models.subspace import CoSOAdam
 
 MODELS = {
     "vit-b16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from cl import ops  # noqa: E402
-from cl.ema import MeanTeacher  # noqa: E402
+from cl.models import ops  # noqa: E402
+from cl.models.ema import MeanTeacher  # noqa: E402
 
 MODELS = {
     "vit-tiny": dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4),

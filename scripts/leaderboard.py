@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cl.leaderboard import find_results, write_leaderboard  # noqa: E402
+from cl.app.leaderboard import find_results, write_leaderboard  # noqa: E402
 
 
 def load_presets(folder: Path) -> dict[str, dict]:

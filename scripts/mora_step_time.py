@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def _build(tasks: int, rank: int, plain: bool = False, experts: bool = True):
     import scenarios
     import strategies
-    from cl.backbones import build
-    from cl.cli import compose_config
+    from cl.app.registry import build_backbone as build
+    from cl.app.cli import compose_config
     from strategies import mora as mora_mod
 
     cfg = compose_config(["strategy=mora", "scenario=synthetic-xtail", "backbone=clip-tiny",  # timing: random weights
@@ -124,7 +124,7 @@ def main() -> None:
     if args.layer:
         print(f"cpu threads {torch.get_num_threads()}, rank {args.rank}, median of {args.reps}")
         return layer_times(args.tokens, args.rank, args.tasks, args.reps)
-    from cl.strategy import Batch
+    from cl.engine.strategy import Batch
 
     x = torch.rand(args.batch, 3, 32, 32)
     print(f"cpu threads {torch.get_num_threads()}, batch {args.batch}, rank {args.rank}, median of {args.reps}")

@@ -28,7 +28,7 @@ def support_table() -> str:
 
 
 def config_lists() -> str:
-    from cl.cli import group_options
+    from cl.app.cli import group_options
 
     out = []
     for group in ("strategy", "scenario", "backbone"):

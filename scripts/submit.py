@@ -40,8 +40,8 @@ def expand(overrides: list[str]) -> list[list[str]]:
 
 def slurm_parameters(env=os.environ) -> dict:
     """submitit's Slurm parameters from CLBENCH_SLURM_* (defaults as in configs/hydra/launcher/slurm.yaml: CPUs and
-    memory capped by the partition's largest node, cl/slurm.py)."""
-    from cl.slurm import fitted
+    memory capped by the partition's largest node, cl/app/slurm.py)."""
+    from cl.app.slurm import fitted
 
     params = {"slurm_gpus_per_node": fitted("GPUS", env), "slurm_cpus_per_task": fitted("CPUS", env),
               "slurm_mem_gb": fitted("MEM_GB", env), "timeout_min": fitted("TIME_MIN", env),
@@ -63,8 +63,8 @@ class RunJob:
 
     def __call__(self) -> str:
         sys.path.insert(0, str(ROOT))
-        from cl.cli import compose_config
-        from cl.experiment import run_experiment
+        from cl.app.cli import compose_config
+        from cl.app.experiment import run_experiment
 
         return str(run_experiment(compose_config(self.overrides)))
 
@@ -98,7 +98,7 @@ def status(folder: Path) -> list[dict]:
         job = submitit.SlurmJob(folder=str(folder / "%j"), job_id=entry["job_id"])
         row = {"job_id": entry["job_id"], "overrides": " ".join(entry["overrides"]), "state": job.state}
         if row["state"] == "PENDING":
-            from cl.slurm import why_pending
+            from cl.app.slurm import why_pending
 
             row["why"] = why_pending(entry["job_id"])
         if job.done():
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         return 1 if failed else 0
     if not a.overrides:
         ap.error("give the run.py overrides of the sweep, e.g. strategy=finetune,simplecil seed=0,1")
-    from cl.cli import check_group_overrides, normalize_overrides
+    from cl.app.cli import check_group_overrides, normalize_overrides
 
     overrides = normalize_overrides(a.overrides)
     problem = check_group_overrides(overrides)

@@ -13,8 +13,8 @@ import json
 import statistics
 import time
 
-from cl.cli import compose_config
-from cl.experiment import run_experiment
+from cl.app.cli import compose_config
+from cl.app.experiment import run_experiment
 
 # The ordering tests' settings (tests/test_ordering.py): few epochs, so that the table is CI-sized.
 SMALL = ["trainer.epochs=2", "strategy.crct_epochs=2"]

@@ -24,8 +24,8 @@ STRATEGIES = ["source", "bn_adapt", "tent", "cotta", "ecotta", "psmt"]
 
 
 def measure(strategy: str, scenario: str, extra: list[str], root: str) -> dict:
-    from cl.cli import compose_config
-    from cl.experiment import run_experiment
+    from cl.app.cli import compose_config
+    from cl.app.experiment import run_experiment
 
     cfg = compose_config([f"strategy={strategy}", f"scenario={scenario}", "debug=fast", f"results_root={root}",
                           "trainer.progress=false", *extra])

@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def build(model: str, width: int, n_classes: int = 10):
     if model == "synthetic-c":
-        from scenarios.synthetic_c import SmallResNet
+        from cl.app.testbeds.synthetic_c import SmallResNet
         return SmallResNet(n_classes=n_classes)
     if model == "wrn28":
-        from cl.backbones_robustbench import ARCHS
+        from cl.models.backbones_robustbench import ARCHS
         return ARCHS["wrn-28-10"]({"arch": "wrn-28-10", "depth": 28, "widen_factor": width, "n_classes": n_classes,
                                    "input_size": 32, "in_chans": 3, "normalize": "none", "pretrained": False})
     raise SystemExit(f"--model must be synthetic-c or wrn28, got {model!r}")

@@ -8,8 +8,8 @@ import difflib
 import importlib
 from typing import Any, Mapping
 
-from cl.errors import ConfigError
-from cl.strategy import Strategy
+from cl.engine.errors import ConfigError
+from cl.engine.strategy import Strategy
 
 REGISTRY: dict[str, str] = {
     "finetune": "strategies.finetune:Finetune",

@@ -31,11 +31,11 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from cl import peft
-from cl.feature_cache import features_of
-from cl.features import class_means
-from cl.heads import CosineLinear
-from cl.strategy import Batch, Strategy
+from cl.models import peft
+from cl.engine.feature_cache import features_of
+from cl.engine.features import class_means
+from cl.models.heads import CosineLinear
+from cl.engine.strategy import Batch, Strategy
 
 PEFT_KINDS = ("adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune")
 VPT_INITS = ("zeros", "xavier", "normal")

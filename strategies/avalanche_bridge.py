@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from cl.errors import ConfigError, MissingExtraError
-from cl.interop import avalanche_dataset, describe_benchmark
-from cl.strategy import Strategy
+from cl.engine.errors import ConfigError, MissingExtraError
+from cl.engine.interop import avalanche_dataset, describe_benchmark
+from cl.engine.strategy import Strategy
 
 
 def import_avalanche():

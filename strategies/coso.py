@@ -10,7 +10,7 @@ on LAMDA-PILOT and GaLore; facts in shared/reference/lora_subspace_sparse.md sec
         2. every step: CE(head_t(f(x)) / T, y) on the current task's classes (T = 3); for each target:
            G' = G - M M^T G; every `update_gap` steps P = top-`proj_rank` left singular vectors of G' and the
            FD sketch absorbs the top-`sketch_rank` directions; Adam on P^T G'; W <- W - lr P (Adam direction)
-           (`cl.subspace.CoSOAdam`); the head trains with AdamW at `fc_lr`;
+           (`cl.models.subspace.CoSOAdam`); the head trains with AdamW at `fc_lr`;
         3. task end: k = #{i : cumsum(sigma_i^2 / sum sigma^2) < energy_threshold} over the sketch's spectrum,
            M <- [M, U_S[:, :k]]; optimiser state and schedule restart with the next experience;
         lr per epoch e of E: base * cos(99 pi e / (200 (E - 1))) for both groups (ends at 0.016 of the base);
@@ -18,7 +18,7 @@ on LAMDA-PILOT and GaLore; facts in shared/reference/lora_subspace_sparse.md sec
 
 `svd: exact` is the reference (full SVD per step); `svd: fast` uses a randomized low-rank SVD
 (`torch.svd_lowrank`, rank + 11 columns, 2 power iterations; the exact SVD where that would be full width) for the
-projection and the FD merge. Both run batched over the targets' stacked gradients (`cl.subspace.CoSOAdam`).
+projection and the FD merge. Both run batched over the targets' stacked gradients (`cl.models.subspace.CoSOAdam`).
 
 Deliberate differences from the reference:
 - `head_init: default` (the default, the reference's `nn.Linear` init in utils/inc_net.py); `zeros` is an option.
@@ -31,7 +31,7 @@ Deliberate differences from the reference:
   projection again at the next step instead of keeping a blank one for `update_gap` steps (with the reference's
   init the gradient is never all-zero and this early refresh never fires).
 - `project_p: true` (off by default: not in the reference) projects P out of M after each refresh
-  (cl/subspace.py CoSOAdam): without it, P's null-space columns let Adam-amplified noise into M (2e-3 of the
+  (cl/models/subspace.py CoSOAdam): without it, P's null-space columns let Adam-amplified noise into M (2e-3 of the
   step on vit-tiny; 2e-7 with it). tests/test_reference_coso.py checks the default against the reference step.
 - Global class ids: each head's outputs are placed at its classes' global ids (the reference relabels classes).
 - The historical basis is stored per target as a tensor in the strategy state (resume-safe), concatenated without
@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.errors import ConfigError
-from cl.strategy import Batch, Strategy
-from cl.subspace import SVD_MODES, CoSOAdam, energy_rank
+from cl.engine.errors import ConfigError
+from cl.engine.strategy import Batch, Strategy
+from cl.models.subspace import SVD_MODES, CoSOAdam, energy_rank
 
 
 HEAD_INITS = ("default", "zeros")

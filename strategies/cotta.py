@@ -6,12 +6,12 @@
       c  = mean_batch max softmax f_θ0(x)                       (one batch-level scalar)
       t  = mean_n f_θ'(aug_n(x)) if c < p_th else f_θ'(x)        (n_aug = 32 views, each its own BN statistics)
       L  = mean CE(softmax(t) -> s)  (symmetric CE on ImageNet: loss: sce);  one optimizer step
-      θ' <- α θ' + (1-α) θ;   θ <- m θ0 + (1-m) θ, m ~ Bernoulli(p) per element   (cl.ema.MeanTeacher.step)
+      θ' <- α θ' + (1-α) θ;   θ <- m θ0 + (1-m) θ, m ~ Bernoulli(p) per element   (cl.models.ema.MeanTeacher.step)
       return t                                                   (the teacher's prediction, made before the step)
 
 The views. The reference runs 32 teacher passes of one view each (cifar/cotta.py:103-105), so every view is
 normalised with its own batch statistics. Here the views are made on the device in one [32*B] tensor and the
-teacher sees them in ONE pass through `cl.viewwise_bn` (each view's B-chunk normalised by its own statistics):
+teacher sees them in ONE pass through `cl.models.viewwise_bn` (each view's B-chunk normalised by its own statistics):
 exactly the 32 passes (tested to 1e-5; `view_pass: sequential` runs the 32 passes, `pooled` the old pooled
 statistics, for comparison only). The teacher keeps no running statistics, as in the reference.
 
@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from cl.ema import MeanTeacher
-from cl.errors import ConfigError
-from cl.viewwise_bn import viewwise_bn
+from cl.models.ema import MeanTeacher
+from cl.engine.errors import ConfigError
+from cl.models.viewwise_bn import viewwise_bn
 from strategies.tta_base import TTAStrategy, soft_ce, use_batch_stats
 
 # qinenergy/cotta cifar/cotta.py:22-45 (not `soft`)

@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.data import to_model_input
-from cl.errors import ConfigError
-from cl.flops import TrainFlopMeter
-from cl.strategy import Batch, Strategy
+from cl.engine.data import to_model_input
+from cl.engine.errors import ConfigError
+from cl.engine.flops import TrainFlopMeter
+from cl.engine.strategy import Batch, Strategy
 
 # The layers SparCL sparsifies in its ResNet-18 (profiles/resnet18_cifar/irr/*.yaml): the 16 3x3 convs of
 # layer1..layer4; the stem, the 1x1 shortcuts and the classifier stay dense.

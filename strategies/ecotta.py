@@ -60,7 +60,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cl.errors import ConfigError
+from cl.engine.errors import ConfigError
 from strategies.tta_base import TTAStrategy, softmax_entropy, source_batches, use_batch_stats
 
 
@@ -194,7 +194,7 @@ class MetaPart(nn.Module):
 
 
 def split_blocks(model: nn.Module) -> tuple[list[nn.Module], dict]:
-    """The model's residual blocks in order and its K -> blocks-per-part table (cl/backbones_robustbench.py)."""
+    """The model's residual blocks in order and its K -> blocks-per-part table (cl/models/backbones_robustbench.py)."""
     if not (hasattr(model, "stem") and hasattr(model, "head") and (hasattr(model, "blocks") or hasattr(model, "stages"))):
         raise ConfigError("ecotta needs a source model split into stem, blocks and head (the synthetic-c ResNet or a "
                           f"robustbench backbone); {type(model).__name__} has no such split")

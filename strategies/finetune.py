@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.clip_heads import union_label_head
-from cl.strategy import Batch, Strategy
+from cl.models.clip_heads import union_label_head
+from cl.engine.strategy import Batch, Strategy
 
 
 class Finetune(Strategy):
@@ -24,7 +24,7 @@ class Finetune(Strategy):
 
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)
-        # union_label (X-TAIL): CLIP's zero-shot text-embedding classifier over every class name (cl/clip_heads.py)
+        # union_label (X-TAIL): CLIP's zero-shot text-embedding classifier over every class name (cl/models/clip_heads.py)
         self.head = union_label_head(self) if info.kind == "union_label" else nn.Linear(backbone.feature_dim, info.n_classes)
         backbone.requires_grad_(not self.freeze_backbone)
 

@@ -45,10 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl import peft
-from cl.errors import ConfigError
-from cl.features import extract_features
-from cl.strategy import Batch, Strategy
+from cl.models import peft
+from cl.engine.errors import ConfigError
+from cl.engine.features import extract_features
+from cl.engine.strategy import Batch, Strategy
 
 ADAPT_MODES = ("full", "film", "none")
 FILM_WHERE = ("reference", "all")

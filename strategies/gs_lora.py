@@ -10,7 +10,7 @@ Algorithm (per forget request t, reference `bjzhb666/GS-LoRA` train/train_own_fo
         L = CE(retain) + beta_t * ReLU(BND - CE(forget))                                 # bounded forgetting
           + alpha * sum_blocks sqrt(sum_{P in block's 4 LoRA matrices} ||P||_F^2)          # group lasso
           [+ w_f,t * ReLU(BND_pro - KL_f) + w_r * KL_r]     KL = KL(log_softmax(emb) || log_softmax(p_y))
-        (a CosFace head, `cl.heads.CosFaceHead`, puts its margin on the labelled class in both CEs, as the
+        (a CosFace head, `cl.models.heads.CosFaceHead`, puts its margin on the labelled class in both CEs, as the
          reference's model(x, labels))
         AdamW step (lr 1e-2, wd 0.05, cosine)
         every `val_every` steps: H on the VALIDATION split, logged (best and final) for the report only
@@ -56,12 +56,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.data import to_model_input
-from cl.errors import ConfigError
-from cl.peft import LoRALinear, add_lora
-from cl.strategy import Batch, Strategy
-from cl.stream import Experience
-from scenarios.subset import TargetSubset
+from cl.engine.data import to_model_input
+from cl.engine.errors import ConfigError
+from cl.models.peft import LoRALinear, add_lora
+from cl.engine.strategy import Batch, Strategy
+from cl.engine.stream import Experience
+from cl.engine.subset import TargetSubset
 
 # --- the method's pieces (pure functions) ---------------------------------------------------------------------
 
@@ -191,7 +191,7 @@ class GSLoRA(Strategy):
 
     # --- setup: LoRA on every block's FFN, one group per block --------------------------------------------
     def setup(self, backbone: nn.Module, info) -> None:
-        from scenarios.forgetting import check_forgetting_backbone  # the kind's contract: a trained head
+        from cl.models.heads import check_forgetting_backbone  # the kind's contract: a trained head
 
         super().setup(backbone, info)
         check_forgetting_backbone(backbone)
@@ -278,7 +278,7 @@ class GSLoRA(Strategy):
         return to_model_input(x, self.backbone.input_size, self.backbone.in_chans, device), y.to(device)
 
     def train_step(self, batch: Batch) -> torch.Tensor:
-        from scenarios.synthetic_forget import head_logits
+        from cl.models.heads import head_logits
 
         x_f, y_f = self.forget_batch(len(batch.y))
         emb_r, emb_f = self.backbone(batch.x), self.backbone(x_f)  # two forwards, as the reference
@@ -344,7 +344,7 @@ class GSLoRA(Strategy):
 
     def _select(self) -> float:
         """H of the current state on the validation split; keeps the best for the report. Never restores."""
-        from scenarios.forgetting import h_mean
+        from cl.engine.metrics import h_mean
 
         h = h_mean(self._val_acc("retain"), self._val_before - self._val_acc("forget"))
         if h > float(self.best_h):
@@ -356,7 +356,7 @@ class GSLoRA(Strategy):
     def _compute_prototypes(self, exp: Experience, device) -> None:
         """Class-mean embeddings of this request's training data under the model as it is now (frozen, LoRA a
         no-op), as calculate_prototypes."""
-        from cl.data import make_loader
+        from cl.engine.data import make_loader
 
         was = self.training
         self.eval()

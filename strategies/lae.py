@@ -18,7 +18,7 @@ Algorithm:
         3. learning: Adam on the online PET and the new head, CE on the current task's logits only;
            t >= 1: the online PET is frozen for the first `num_freeze_epochs` epochs (head-only warm-up);
         4. accumulation: after every optimiser step with an offline PET (t >= 1, frozen epochs included):
-           theta_off <- ema_decay * theta_off + (1 - ema_decay) * theta_on  (`cl.ema.MeanTeacher`);
+           theta_off <- ema_decay * theta_off + (1 - ema_decay) * theta_on  (`cl.models.ema.MeanTeacher`);
     inference: p = max(softmax(f_on(x)), softmax(f_off(x))) element-wise over the seen classes, then argmax
         (two backbone passes; the shared heads; the online model alone before the offline PET exists).
 
@@ -31,7 +31,7 @@ Deliberate differences from the reference (none changes the function computed, e
 - The offline pass runs the same backbone with the EMA tensors substituted (`torch.func.functional_call`)
   instead of attaching a deep-copied module; the EMA is `torch._foreach_lerp_` (timm's `ModelEmaV2` computes
   `ema * decay + (1 - decay) * online` and also averages buffers, which PET modules do not have).
-- LoRA: the low-rank update is added to the K/V activations (`cl.peft.LoRALinear`) instead of to the fused
+- LoRA: the low-rank update is added to the K/V activations (`cl.models.peft.LoRALinear`) instead of to the fused
   weight (`F.linear(x, W + dW)`): the same function up to rounding.
 - `adapt_blocks` indices beyond the backbone's depth are dropped (the test-sized vit-tiny has 4 blocks).
 - Not implemented: `num_emas > 1` (a chain of offline PETs) and `eval_only_emas` (reference defaults 1 and
@@ -50,10 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl import peft
-from cl.ema import MeanTeacher
-from cl.errors import ConfigError
-from cl.strategy import Batch, Strategy
+from cl.models import peft
+from cl.models.ema import MeanTeacher
+from cl.engine.errors import ConfigError
+from cl.engine.strategy import Batch, Strategy
 
 PET_KINDS = ("adapter", "lora", "prefix")
 
@@ -83,7 +83,7 @@ class KVLoRA(peft.LoRALinear):
 
 
 class ScaledPrefix(peft.Prefix):
-    """LAE's Prefix: `cl.peft.Prefix` (U(0, 0.01) tokens, compensatory) with the reference's learnable scalars
+    """LAE's Prefix: `cl.models.peft.Prefix` (U(0, 0.01) tokens, compensatory) with the reference's learnable scalars
     on the key tokens and on the value tokens (`key_scale: null`, `val_scale: null`, init 1)."""
 
     def __init__(self, n_tokens: int, dim: int, num_heads: int, compensate: bool = True,

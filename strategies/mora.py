@@ -28,7 +28,7 @@ wd 0, cosine, batch 64. Differences from the reference code, on purpose:
 
 Text streams (`text` kind, strategies/mora_text.py), a departure from the paper's language setting:
     the paper's language experiments are TRACE with LLMs (generation, next-token loss). Here the stream is the SLM
-    issue's text classification (scenarios/text.py): the same experts go on the language model's q/k/v/out and FFN
+    issue's text classification (scenarios/kinds/text.py): the same experts go on the language model's q/k/v/out and FFN
     in/out Linears (found by name, `TEXT_TARGETS`), one new set per task, old ones frozen; on top sits `finetune`'s
     text head: one Linear over all classes, trained (all rows) with CE over the classes seen so far (unseen ones at
     -inf), no task id at test time. `strategy.encoders` does not apply (one tower). The X-TAIL defaults (r, top-k,
@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.clip_heads import class_prompts, encode_prompts, require_clip
-from cl.errors import ConfigError
-from cl.strategy import Batch, Strategy
+from cl.models.clip_heads import class_prompts, encode_prompts, require_clip
+from cl.engine.errors import ConfigError
+from cl.engine.strategy import Batch, Strategy
 from strategies.mora_text import add_text_experts
 
 TARGETS = ("q", "k", "v", "o", "ffn_in", "ffn_out")

@@ -11,7 +11,7 @@ import re
 
 from torch import nn
 
-from cl.errors import ConfigError
+from cl.engine.errors import ConfigError
 
 # target -> regex on the qualified module name (anchored at the end). BERT-style: BertModel, MiniLM, RoBERTa;
 # BERT's FFN-out ("layer.N.output.dense") must not catch the attention output ("attention.output.dense").

@@ -54,12 +54,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl import peft
-from cl.feature_cache import features_of
-from cl.features import class_gaussian
-from cl.heads import CosineLinear
-from cl.strategy import Batch, Strategy
-from scenarios.subset import TargetSubset
+from cl.models import peft
+from cl.engine.feature_cache import features_of
+from cl.engine.features import class_gaussian
+from cl.models.heads import CosineLinear
+from cl.engine.strategy import Batch, Strategy
+from cl.engine.subset import TargetSubset
 
 PULL_MODES = ("reference", "clean")
 
@@ -216,7 +216,7 @@ class MOS(Strategy):
             stats_bs = 3 * (train_bs or self.h["eval_batch_size"])
             if getattr(exp.train, "targets", None) is None:
                 raise ValueError("mos pull=reference computes class statistics class by class and needs the training "
-                                 "set's `targets` (scenarios/datasets.py); use strategy.pull=clean for this stream")
+                                 "set's `targets` (scenarios/datasets/base.py); use strategy.pull=clean for this stream")
             targets = np.asarray(exp.train.targets)
             for c in list(exp.classes):
                 part = TargetSubset(exp.train, np.flatnonzero(targets == c))
@@ -319,7 +319,7 @@ class MOS(Strategy):
 
     @property
     def test_batch_size(self) -> int | None:  # type: ignore[override]
-        """The batch size the trainer evaluates with (cl/strategy.py). Reference mode: the training batch size,
+        """The batch size the trainer evaluates with (cl/engine/strategy.py). Reference mode: the training batch size,
         as the reference's test loader (models/mos.py:91): the pulls rewrite the stored sets once per test batch,
         so the scores depend on it. Clean mode: None (the trainer's `eval_batch_size`; scores do not depend on
         it). Known from the first `end_experience` of this process; before it nothing is stored, nothing pulled."""

@@ -15,7 +15,7 @@ with two changes, a selective distillation in the student and a Fisher-masked EM
       return t + f_θ(x)                                                          (both made before the update)
 
 The student (issue 19, defect 4): the plain batch and its augmented view are normalised each with its own BN
-statistics (`cl.viewwise_bn`, one pass of [x; aug(x)] with two views), as the reference's separate passes
+statistics (`cl.models.viewwise_bn`, one pass of [x; aug(x)] with two views), as the reference's separate passes
 `feature_extractor(imgs_test)` (classification/methods/psmt.py:139-140) and of the augmented batch (:142); the
 teacher's views are CoTTA's view-wise pass (strategies/cotta.py).
 
@@ -52,9 +52,9 @@ import copy
 import torch
 from torch.func import functional_call
 
-from cl.ema import MeanTeacher
-from cl.errors import ConfigError
-from cl.viewwise_bn import viewwise_bn
+from cl.models.ema import MeanTeacher
+from cl.engine.errors import ConfigError
+from cl.models.viewwise_bn import viewwise_bn
 from strategies.cotta import VIEW_PASSES, augment_views, teacher_pseudo_labels
 from strategies.tta_base import TTAStrategy, soft_ce, source_batches, use_batch_stats
 

@@ -56,11 +56,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl import peft
-from cl.data import make_loader, to_model_input
-from cl.errors import ConfigError
-from cl.progress import progress_bar
-from cl.strategy import Strategy
+from cl.models import peft
+from cl.engine.data import make_loader, to_model_input
+from cl.engine.errors import ConfigError
+from cl.engine.progress import progress_bar
+from cl.engine.strategy import Strategy
 
 
 class RepresentationDescriptor(nn.Module):
@@ -408,7 +408,7 @@ class SEMA(Strategy):
     def _check_finite(self, mean: torch.Tensor, epoch: int, desc: str) -> None:
         value = float(mean)
         if not math.isfinite(value):
-            from cl.errors import NonFiniteLossError  # the run is then marked failed, as for SGD strategies
+            from cl.engine.errors import NonFiniteLossError  # the run is then marked failed, as for SGD strategies
 
             raise NonFiniteLossError(int(self.experiences_seen) - 1, epoch, 0, value)
 

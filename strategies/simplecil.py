@@ -8,7 +8,7 @@ old classes are never forgotten.
 
 On `union_label` streams (X-TAIL) SimpleCIL is the training-free baseline with a CLIP backbone: prototypes are
 mean CLIP image embeddings of the learned datasets' classes, and classes of datasets not learned yet keep CLIP's
-zero-shot text classifier (cl/clip_heads.py). The two are fused as RAIL (Xu et al., NeurIPS'24, which defines
+zero-shot text classifier (cl/models/clip_heads.py). The two are fused as RAIL (Xu et al., NeurIPS'24, which defines
 X-TAIL; MoRAM's X-TAIL code descends from it) fuses its adapter with zero-shot CLIP (`primal_RAIL.py`): p = softmax
 of zero-shot CLIP over the whole union; where its argmax is a learned class, p <- (1 - w) p + w q with q the
 "adapter" probabilities over the learned classes (zero elsewhere), w = `fusion_weight` = 0.9 (RAIL's config);
@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cl.clip_heads import union_label_head
-from cl.feature_cache import features_of
-from cl.features import class_means
-from cl.strategy import Strategy
+from cl.models.clip_heads import union_label_head
+from cl.engine.feature_cache import features_of
+from cl.engine.features import class_means
+from cl.engine.strategy import Strategy
 
 
 class SimpleCIL(Strategy):

@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.errors import ConfigError
-from cl.strategy import Batch, Strategy
+from cl.engine.errors import ConfigError
+from cl.engine.strategy import Batch, Strategy
 
 # Attention-output projections: BERT-style encoders, LLaMA-style decoders (the reference's two injection sites).
 DEFAULT_TARGETS = ("attention.output.dense", "self_attn.o_proj")
@@ -203,7 +203,7 @@ class SLM(Strategy):
             self.query_encoder = None
             dim = backbone.feature_dim
         else:  # a second frozen encoder (the reference: nli-mpnet-base-v2)
-            from cl.backbones_hf import HFTextEncoder
+            from cl.models.backbones_hf import HFTextEncoder
 
             self.query_encoder = HFTextEncoder(self.retriever_path, self.retriever_max_length).requires_grad_(False)
             dim = self.query_encoder.feature_dim

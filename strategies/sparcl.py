@@ -18,7 +18,7 @@ Algorithm (the reference script `run_mag_prune_irr_sp_EM_0.75_gradient0.80.sh`, 
              each masked layer and store that as the gradient mask, on the other batches apply the stored mask;
            SGD step; W *= weight mask
 
-Training FLOPs (`metrics.train_flops`) are counted per step from the layers actually run (cl/flops.py) with each
+Training FLOPs (`metrics.train_flops`) are counted per step from the layers actually run (cl/engine/flops.py) with each
 masked layer's forward and input-gradient cost scaled by its mask density and its weight-gradient cost by the
 gradient-mask density; `metrics.train_flops_dense` is the same steps without sparsity; removed examples are simply
 never run. `metrics.sparsity` is the fraction of exact zeros in the masked layers.
@@ -51,8 +51,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cl.errors import ConfigError
-from cl.strategy import Batch
+from cl.engine.errors import ConfigError
+from cl.engine.strategy import Batch
 
 from .derpp import PRUNABLE, DERpp, prunable_weights
 
@@ -147,7 +147,7 @@ class IndexedView(Dataset):
 
     def eval_view(self) -> "IndexedView":
         """The same kept examples, un-augmented (Batch.raw); follows this view's removals."""
-        from cl.stream import eval_view
+        from cl.engine.stream import eval_view
 
         return IndexedView(eval_view(self.base), parent=self)
 

@@ -22,8 +22,8 @@ import copy
 import torch
 import torch.nn as nn
 
-from cl.errors import ConfigError
-from cl.strategy import Strategy
+from cl.engine.errors import ConfigError
+from cl.engine.strategy import Strategy
 
 
 def use_batch_stats(model: nn.Module) -> None:
@@ -196,7 +196,7 @@ class TTAStrategy(Strategy):
 def source_batches(dataset, batch_size: int, device, size: int, chans: int, shuffle: bool = True, seed: int = 0,
                    limit: int | None = None):
     """(x in [0, 1] on device, y) batches of the scenario's declared source data (the experience's `train`)."""
-    from cl.data import make_loader, to_model_input
+    from cl.engine.data import make_loader, to_model_input
 
     if dataset is None or len(dataset) == 0:
         raise ConfigError("this strategy needs the scenario's declared source data (experience.train), but the "

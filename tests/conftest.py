@@ -12,11 +12,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Tests build backbones as the application does: with the test beds' sources registered (cl/app/registry.py).
+from cl.app.registry import register_all  # noqa: E402
+
+register_all()
+
 
 @pytest.fixture
 def compose(tmp_path):
     """compose(*overrides) -> the resolved config dict, quiet, on CPU, with results under tmp_path."""
-    from cl.cli import compose_config
+    from cl.app.cli import compose_config
 
     def _compose(*overrides: str) -> dict:
         base = [f"results_root={tmp_path / 'runs'}", "trainer.progress=false", "trainer.device=cpu"]
@@ -28,7 +33,7 @@ def compose(tmp_path):
 @pytest.fixture
 def run_quiet():
     """Runs an experiment in-process, collecting what it prints."""
-    from cl.experiment import run_experiment
+    from cl.app.experiment import run_experiment
 
     def _run(cfg: dict) -> tuple[Path, list[str]]:
         lines: list[str] = []
@@ -45,7 +50,7 @@ def ops_ext(tmp_path_factory):
     import shutil
     import time
 
-    from cl import ops
+    from cl.models import ops
 
     ninja_here = os.path.exists(os.path.join(os.path.dirname(sys.executable), "ninja"))
     if shutil.which("ninja") is None and not ninja_here:

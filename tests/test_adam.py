@@ -6,9 +6,9 @@ import torch
 
 import scenarios
 import strategies
-from cl import backbones
-from cl.cli import compose_config
-from cl.trainer import Trainer, TrainerConfig
+from cl.models import backbones
+from cl.app.cli import compose_config
+from cl.engine.trainer import Trainer, TrainerConfig
 
 
 def build(*overrides):

@@ -1,5 +1,5 @@
 """clbench <-> Avalanche: `scenario=avalanche/<benchmark>` (Avalanche's generators as clbench streams) and
-`cl.interop.to_avalanche` (clbench streams as Avalanche benchmarks), on tiny data the tests write."""
+`cl.engine.interop.to_avalanche` (clbench streams as Avalanche benchmarks), on tiny data the tests write."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,8 @@ import torch
 
 pytest.importorskip("avalanche", reason="the optional extra `avalanche` is not installed: pip install -e .[avalanche]")
 
-from cl.errors import DatasetError  # noqa: E402
-from cl.interop import from_avalanche, to_avalanche  # noqa: E402
+from cl.engine.errors import DatasetError  # noqa: E402
+from cl.engine.interop import from_avalanche, to_avalanche  # noqa: E402
 from scenarios import build, class_order  # noqa: E402
 
 PER_CLASS_TRAIN, PER_CLASS_TEST = 12, 4

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from cl import backbones
-from cl.cli import compose_config
-from cl.errors import BackboneError, ConfigError
+from cl.models import backbones
+from cl.app.cli import compose_config
+from cl.engine.errors import BackboneError, ConfigError
 
 
 def backbone_cfg(name: str) -> dict:

@@ -12,8 +12,8 @@ def run(compose, run_quiet, *overrides):
 
 @pytest.fixture(scope="module")
 def digits_results(tmp_path_factory):
-    from cl.cli import compose_config
-    from cl.experiment import run_experiment
+    from cl.app.cli import compose_config
+    from cl.app.experiment import run_experiment
 
     root = tmp_path_factory.mktemp("digits")
     out = {}

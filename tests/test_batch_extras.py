@@ -1,4 +1,4 @@
-"""Batch's optional fields and drop_last (cl/strategy.py, cl/data.py WithExtras, cl/trainer.py): a strategy that
+"""Batch's optional fields and drop_last (cl/engine/strategy.py, cl/engine/data.py WithExtras, cl/engine/trainer.py): a strategy that
 asks gets each sample's index and its un-augmented input (also through the image cache), one that does not gets
 neither; `drop_last` keeps only full batches."""
 import numpy as np
@@ -7,14 +7,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cl import cache as image_cache
-from cl.data import WithExtras
-from cl.stream import Experience, Stream, StreamInfo
-from cl.strategy import Strategy
-from cl.trainer import Trainer, TrainerConfig
-from scenarios.cifar10 import SmallImageDataset
-from scenarios.imagefolder import ImageFolderDataset
-from scenarios.subset import TargetSubset
+from cl.engine import cache as image_cache
+from cl.engine.data import WithExtras
+from cl.engine.stream import Experience, Stream, StreamInfo
+from cl.engine.strategy import Strategy
+from cl.engine.trainer import Trainer, TrainerConfig
+from scenarios.datasets.cifar10 import SmallImageDataset
+from scenarios.datasets.imagefolder import ImageFolderDataset
+from cl.engine.subset import TargetSubset
 
 
 class Flat(nn.Module):

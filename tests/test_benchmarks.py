@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 import scenarios
-from cl.cli import compose_config
-from cl.errors import DatasetError
-from scenarios.benchmarks import IMAGEFOLDER_BENCHMARKS
-from scenarios.cifar import read_cifar100, safe_load
+from cl.app.cli import compose_config
+from cl.engine.errors import DatasetError
+from scenarios.datasets.benchmarks import IMAGEFOLDER_BENCHMARKS
+from scenarios.datasets.cifar import read_cifar100, safe_load
 
 SIZE = 32  # image_size override: keeps the transforms cheap
 FOLDER_CLASSES = {"imagenet-r": 200, "imagenet-a": 200, "cub": 200, "objectnet": 200, "omnibenchmark": 300, "vtab": 50}

@@ -1,12 +1,12 @@
-"""The feature cache (cl/feature_cache.py): a frozen encoder runs once per image, with the same accuracy."""
+"""The feature cache (cl/engine/feature_cache.py): a frozen encoder runs once per image, with the same accuracy."""
 import json
 
 import pytest
 import torch
 
 import scenarios
-from cl import backbones
-from cl.feature_cache import FeatureCache
+from cl.models import backbones
+from cl.engine.feature_cache import FeatureCache
 
 
 @pytest.fixture

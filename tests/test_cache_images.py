@@ -1,4 +1,4 @@
-"""The uint8 image cache (cl/cache.py): the reference's crop and flip draws, the device-side resampling, byte-equal
+"""The uint8 image cache (cl/engine/cache.py): the reference's crop and flip draws, the device-side resampling, byte-equal
 eval items, and the same accuracy with and without the cache on a tiny ImageFolder stream."""
 import json
 
@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from cl import cache as image_cache
-from scenarios.imagefolder import ImageFolderDataset, pilot_train_transform
+from cl.engine import cache as image_cache
+from scenarios.datasets.imagefolder import ImageFolderDataset, pilot_train_transform
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +70,7 @@ def test_device_crop_matches_pil_resized_crop(tmp_path):
 
 
 def _tree(root, n_classes=4, train=10, test=5):
-    from scenarios.synthetic import make_synthetic
+    from scenarios.datasets.synthetic import make_synthetic
 
     tr, te = make_synthetic(n_classes=n_classes, image_size=48, train_per_class=train, test_per_class=test)
     for split, ds in (("train", tr), ("test", te)):
@@ -100,7 +100,7 @@ def test_eval_items_are_byte_identical_and_train_items_augment(tmp_path):
 
 
 def test_bad_settings_are_one_line_errors(tmp_path):
-    from cl.errors import ConfigError
+    from cl.engine.errors import ConfigError
 
     with pytest.raises(ConfigError, match="image_cache must be true or false or exact"):
         image_cache.attach_image_cache([], {"image_cache": "yes"})

@@ -1,4 +1,4 @@
-"""Checkpoints keep what the strategy changed and reference the frozen weights (cl/frozen_refs.py); the weights
+"""Checkpoints keep what the strategy changed and reference the frozen weights (cl/engine/frozen_refs.py); the weights
 file's digest is cached by path, size and mtime (cl/backbones.file_digest)."""
 import os
 import time
@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from cl.backbones import file_digest
-from cl.errors import BackboneError
-from cl.frozen_refs import FrozenReference
+from cl.models.backbones import file_digest
+from cl.engine.errors import BackboneError
+from cl.engine.frozen_refs import FrozenReference
 
 
 class Tiny(nn.Module):

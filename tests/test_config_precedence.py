@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import strategies
-from cl.cli import compose_config
+from cl.app.cli import compose_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from cl.cli import compose_config
-from cl.subspace import CoSOAdam, energy_rank, fd_shrink, top_subspace
+from cl.app.cli import compose_config
+from cl.models.subspace import CoSOAdam, energy_rank, fd_shrink, top_subspace
 
 
 def known_spectrum(m=12, n=9, sigmas=(3.0, 2.0, 1.0), seed=0):
@@ -110,7 +110,7 @@ def tiny_coso(*overrides):
     """A CoSO strategy on vit-tiny with the synthetic stream, and one training batch of its first experience."""
     import scenarios
     import strategies
-    from cl import backbones
+    from cl.models import backbones
 
     cfg = compose_config(["strategy=coso", *TINY, "trainer.device=cpu", *overrides])
     torch.manual_seed(0)
@@ -124,7 +124,7 @@ def test_fast_svd_keeps_the_exact_subspace_of_the_tiny_streams_gradients():
     """On real attn.proj gradients (vit-tiny, the synthetic stream; nn.Linear heads, since zero heads pass no
     gradient back on the first step), the fast projection captures the gradient energy of the exact one to 1%
     at r = 8, 16, 50 (randomized: q = r + 11 < 128), and the leading 16 singular values to 1%."""
-    from cl.strategy import Batch
+    from cl.engine.strategy import Batch
 
     coso, stream, x, y = tiny_coso("strategy.head_init=default")
     coso.observe_classes(stream[0])
@@ -145,7 +145,7 @@ def test_zero_heads_keep_each_heads_logits_zero_mean_and_the_schedule_is_the_ref
     """Why head_init=zeros: cross-entropy over one head's classes never moves that head's mean logit, so with
     nn.Linear's init each head keeps a random offset (w_sum . f) that decides class-IL on features with a large
     shared component; from zeros the offset stays 0 and heads compete by their learnt margins."""
-    from cl.strategy import Batch
+    from cl.engine.strategy import Batch
 
     coso, stream, x, y = tiny_coso("strategy.fc_lr=0.01", "strategy.head_init=zeros")  # the option (default: nn.Linear)
     coso.observe_classes(stream[0])
@@ -167,7 +167,7 @@ def test_the_strategy_updates_attn_proj_orthogonally_to_the_previous_tasks_basis
     """Through the strategy with the project's `project_p` option (not the reference's default; its behaviour is
     tests/test_reference_coso.py's): task 0 trains, its end grows every target's basis M by the energy rule; task
     1's updates of the attn.proj weights then have no component in M (to float tolerance)."""
-    from cl.strategy import Batch
+    from cl.engine.strategy import Batch
 
     coso, stream, _, _ = tiny_coso("strategy.head_init=default", "strategy.lr=0.01", "strategy.project_p=true")
     for t in (0, 1):
@@ -199,7 +199,7 @@ def coso_runs(tmp_path_factory):
     default 50/120 the fast mode's q would reach vit-tiny's width 128, where it runs the exact SVD). debug=fast
     alone gives 2 steps per experience, in which neither learns anything (both predict one class: last acc
     10.00); 5 epochs (10 steps) as test_lae.py uses."""
-    from cl.experiment import run_experiment
+    from cl.app.experiment import run_experiment
 
     root = tmp_path_factory.mktemp("coso")
     out = {}
@@ -225,7 +225,7 @@ def test_coso_beats_finetune_under_plain_debug_fast(tmp_path):
     """The issue's literal setting: 2 steps per experience. finetune predicts one class (10.00); coso's zero-mean
     heads (`head_init=zeros`, an option) already split the test set between heads (15.62 measured; a thin margin,
     the 5-epoch test is the robust one). With the reference's head init (the default) coso also scores 10.00."""
-    from cl.experiment import run_experiment
+    from cl.app.experiment import run_experiment
 
     last = {}
     for name in ("coso", "finetune"):

@@ -8,8 +8,8 @@ import yaml
 from PIL import Image
 
 import scenarios
-from cl.cli import compose_config
-from cl.errors import DatasetError
+from cl.app.cli import compose_config
+from cl.engine.errors import DatasetError
 
 CLASSES = ["aircraft_carrier", "bee", "cat", "dog"]  # labels 0..3 of the tiny tree
 

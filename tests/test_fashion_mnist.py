@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from cl.errors import DatasetError
+from cl.engine.errors import DatasetError
 
 
 def write_idx(path, array, gz=True):
@@ -33,7 +33,7 @@ def make_tiny(folder, per_class=3, gz=True):
 
 @pytest.mark.parametrize("gz", [True, False])
 def test_reader_reads_tiny_idx_files(tmp_path, gz):
-    from scenarios.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+    from scenarios.datasets.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 
     want = make_tiny(tmp_path / "fashion-mnist", gz=gz)
     data = load_fashion_mnist({}, tmp_path)
@@ -66,7 +66,7 @@ def test_scenario_configs_compose(compose):
 
 
 def test_root_option_and_plain_data_root(tmp_path):
-    from scenarios.fashion_mnist import load_fashion_mnist
+    from scenarios.datasets.fashion_mnist import load_fashion_mnist
 
     make_tiny(tmp_path / "elsewhere" / "fm", per_class=2)
     assert len(load_fashion_mnist({"root": "elsewhere/fm"}, tmp_path).train) == 20  # relative to the data root
@@ -74,7 +74,7 @@ def test_root_option_and_plain_data_root(tmp_path):
 
 
 def test_missing_data_names_the_apt_package(tmp_path, monkeypatch):
-    import scenarios.fashion_mnist as fm
+    import scenarios.datasets.fashion_mnist as fm
 
     monkeypatch.setattr(fm, "DEBIAN_ROOT", tmp_path / "no-debian")
     with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist") as e:
@@ -83,7 +83,7 @@ def test_missing_data_names_the_apt_package(tmp_path, monkeypatch):
 
 
 def test_bad_files_fail_with_one_line(tmp_path):
-    from scenarios.fashion_mnist import load_fashion_mnist
+    from scenarios.datasets.fashion_mnist import load_fashion_mnist
 
     folder = tmp_path / "fashion-mnist"
     make_tiny(folder)
@@ -98,7 +98,7 @@ def test_bad_files_fail_with_one_line(tmp_path):
 def test_the_debian_files_when_installed():
     from pathlib import Path
 
-    from scenarios.fashion_mnist import DEBIAN_ROOT, load_fashion_mnist
+    from scenarios.datasets.fashion_mnist import DEBIAN_ROOT, load_fashion_mnist
 
     if not (DEBIAN_ROOT / "t10k-labels-idx1-ubyte.gz").is_file():
         pytest.skip("apt-get install dataset-fashion-mnist (CI installs it)")

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from cl.errors import ConfigError
-from cl.peft import LoRALinear
-from scenarios.forgetting import forget_drop, forgetting_summary, h_mean
+from cl.engine.errors import ConfigError
+from cl.models.peft import LoRALinear
+from scenarios.kinds.forgetting import forget_drop, forgetting_summary, h_mean
 from strategies.gs_lora import bounded_forget_loss, group_lasso, lora_groups, prox_group_lasso
 
 

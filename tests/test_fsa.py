@@ -7,9 +7,9 @@ import torch
 
 import scenarios
 import strategies
-from cl import backbones
-from cl.cli import compose_config
-from cl.strategy import Batch
+from cl.models import backbones
+from cl.app.cli import compose_config
+from cl.engine.strategy import Batch
 from strategies.fsa import lda_head, reference_film_bns
 
 
@@ -104,7 +104,7 @@ def test_film_on_a_vit_modulates_every_layernorm_and_full_trains_the_body():
 
 @pytest.fixture(scope="module")
 def fsa_vs_finetune(tmp_path_factory):
-    from cl.experiment import run_experiment
+    from cl.app.experiment import run_experiment
 
     root = tmp_path_factory.getbasetemp() / "ptm2-shared-runs"  # finetune's run is shared with test_sema.py
     out = {}

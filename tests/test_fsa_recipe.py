@@ -11,14 +11,14 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from torchvision import transforms as T
 
-from cl.cli import compose_config
-from cl.errors import ConfigError
-from cl.strategy import Strategy
-from cl.stream import Experience, Stream, StreamInfo, eval_view
-from cl.trainer import Trainer, TrainerConfig, make_scheduler
-from scenarios.cifar import CifarDataset
-from scenarios.fscil import apply_resize, build_fscil
-from scenarios.imagefolder import ImageFolderDataset
+from cl.app.cli import compose_config
+from cl.engine.errors import ConfigError
+from cl.engine.strategy import Strategy
+from cl.engine.stream import Experience, Stream, StreamInfo, eval_view
+from cl.engine.trainer import Trainer, TrainerConfig, make_scheduler
+from scenarios.datasets.cifar import CifarDataset
+from scenarios.kinds.fscil import apply_resize, build_fscil
+from scenarios.datasets.imagefolder import ImageFolderDataset
 
 
 # --- the multistep schedule -------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def test_resize_needs_no_augmentation_and_an_image_reader():
 
 
 def test_presets_set_the_reference_inputs_and_efficientnet():
-    from cl import backbones
+    from cl.models import backbones
 
     cifar = compose_config(["+experiment=fsa_cifar100"])
     cub = compose_config(["+experiment=fsa_cub200"])

@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 import scenarios
-from cl.cli import compose_config
-from cl.errors import ConfigError, DatasetError
+from cl.app.cli import compose_config
+from cl.engine.errors import ConfigError, DatasetError
 from scenarios import make_synthetic
-from scenarios.fscil import fscil, read_index_files, write_index_files
-from scenarios.imagefolder import read_imagefolder_split
+from scenarios.kinds.fscil import fscil, read_index_files, write_index_files
+from scenarios.datasets.imagefolder import read_imagefolder_split
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.backbones import Backbone
-from cl.data import to_model_input
-from cl.errors import ConfigError
-from cl.stream import StreamInfo
-from cl.strategy import Batch
-from scenarios.forgetting import build_forgetting, from_history
-from scenarios.synthetic_forget import make_vit
+from cl.models.backbones import Backbone
+from cl.engine.data import to_model_input
+from cl.engine.errors import ConfigError
+from cl.engine.stream import StreamInfo
+from cl.engine.strategy import Batch
+from scenarios.kinds.forgetting import build_forgetting, from_history
+from cl.app.testbeds.synthetic_forget import make_vit
 from strategies.gs_lora import ForgetCycle, GSLoRA, bounded_forget_loss, group_norms, prototype_kl
 
 SYN = {"n_classes": 6, "image_size": 32, "train_per_class": 10, "test_per_class": 4, "seed": 0}
@@ -222,8 +222,8 @@ def test_interrupted_request_resumes_with_the_same_forget_batches(compose, run_q
     import os
     import signal
 
-    from cl import trainer as trainer_module
-    from cl.errors import RunInterrupted
+    from cl.engine import trainer as trainer_module
+    from cl.engine.errors import RunInterrupted
 
     over = ["strategy=gs_lora", "scenario=synthetic-forget", "debug=fast", "trainer.limit_train_batches=3"]
     path_a, _ = run_quiet(compose(*over, f"results_root={tmp_path / 'a'}"))

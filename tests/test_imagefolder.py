@@ -5,9 +5,9 @@ import torch
 from PIL import Image
 
 import scenarios
-from cl.errors import ConfigError, DatasetError
-from cl.stream import eval_view
-from scenarios.datasets import ImageFolderDataset, read_imagefolder_split
+from cl.engine.errors import ConfigError, DatasetError
+from cl.engine.stream import eval_view
+from scenarios.datasets.base import ImageFolderDataset, read_imagefolder_split
 
 CLASSES = ("cat", "dog", "fox")
 SIZE = 32

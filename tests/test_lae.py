@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 import scenarios
 import strategies
-from cl import backbones
-from cl.cli import compose_config
-from cl.trainer import Trainer, TrainerConfig
+from cl.models import backbones
+from cl.app.cli import compose_config
+from cl.engine.trainer import Trainer, TrainerConfig
 
 
 def build_lae(*overrides):
@@ -160,7 +160,7 @@ def lae_vs_finetune(tmp_path_factory):
     """debug=fast with 5 epochs (the reference's CIFAR count) and 2 frozen-PET epochs. Under plain debug=fast
     (one epoch of 2 steps per experience; the PET frozen throughout tasks >= 1) the per-task heads, trained in
     isolation, are not calibrated against each other and class-IL collapses to one class (10%, finetune's value)."""
-    from cl.experiment import run_experiment
+    from cl.app.experiment import run_experiment
 
     root = tmp_path_factory.mktemp("lae")
     out = {}

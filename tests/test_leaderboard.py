@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cl.leaderboard import accuracy_curves, display_table, find_results, summary_table, to_markdown, \
+from cl.app.leaderboard import accuracy_curves, display_table, find_results, summary_table, to_markdown, \
     write_leaderboard
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +146,7 @@ def test_without_presets_only_real_results(sweep, tmp_path):
 
 
 def test_curve_bands_and_chance():
-    from cl.leaderboard import chance_curve, curve_bands
+    from cl.app.leaderboard import chance_curve, curve_bands
 
     runs = [fake("a", 0, 40.0, 0), fake("a", 1, 60.0, 0)]
     b = curve_bands(runs)[("s", "b")]["a"]

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from cl import metrics as M
+from cl.engine import metrics as M
 
 NAN = float("nan")
 

@@ -70,7 +70,7 @@ def test_expert_attention_matches_multihead_attention_without_experts():
 def _strategy(compose, **kw):
     import scenarios
     import strategies
-    from cl.backbones import build
+    from cl.models.backbones import build
 
     cfg = compose("strategy=mora", "scenario=synthetic-xtail", "scenario.limit_per_class=4",
                   *[f"strategy.{k}={v}" for k, v in kw.items()])
@@ -79,7 +79,7 @@ def _strategy(compose, **kw):
 
 
 def _train(strategy, exp, steps=1):
-    from cl.strategy import Batch
+    from cl.engine.strategy import Batch
 
     strategy.observe_classes(exp)
     params = strategy.begin_experience(exp)
@@ -121,12 +121,12 @@ def test_old_experts_do_not_change_when_a_new_task_trains(compose):
 
 def test_bad_input_is_one_clear_error(compose):
     import strategies
-    from cl.errors import ConfigError
+    from cl.engine.errors import ConfigError
 
     with pytest.raises(ConfigError, match="does not support class_il"):
         strategies.check_supported("mora", "class_il")
     with pytest.raises(ConfigError, match="needs a CLIP backbone"):
-        from cl.clip_heads import require_clip
+        from cl.models.clip_heads import require_clip
 
         require_clip(nn.Linear(2, 2), "mora")
     with pytest.raises(ConfigError, match="unknown encoder/target"):
@@ -137,7 +137,7 @@ def test_bad_input_is_one_clear_error(compose):
 
 def test_mora_beats_finetune_on_last_accuracy(compose, run_quiet):
     """The bare commands of the issue: synthetic-xtail's default backbone is the cached "pre-trained" clip-tiny
-    (configs/backbone/clip-tiny-xtail.yaml, built once per data root by scenarios/xtail_warmup.py)."""
+    (configs/backbone/clip-tiny-xtail.yaml, built once per data root by cl/app/testbeds/xtail_warmup.py)."""
     last = {}
     for name in ("mora", "finetune"):
         path, lines = run_quiet(compose(f"strategy={name}", "scenario=synthetic-xtail", "debug=fast"))

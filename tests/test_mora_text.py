@@ -9,14 +9,14 @@ from torch import nn
 
 
 def _texts(n, seed):
-    from scenarios.synthetic_text import make_texts
+    from scenarios.datasets.synthetic_text import make_texts
 
     return make_texts(1, n, seed=seed)
 
 
 def _setup(**kw):
-    from cl.backbones import build
-    from cl.stream import StreamInfo
+    from cl.models.backbones import build
+    from cl.engine.stream import StreamInfo
     from strategies.mora import MoRA
 
     torch.manual_seed(0)
@@ -28,9 +28,9 @@ def _setup(**kw):
 
 
 def _train(mora, index, classes, texts, labels):
-    from cl.stream import Experience
-    from cl.strategy import Batch
-    from scenarios.text import TextDataset
+    from cl.engine.stream import Experience
+    from cl.engine.strategy import Batch
+    from scenarios.kinds.text import TextDataset
 
     y = [classes[v] for v in labels]
     exp = Experience(index, TextDataset(texts, y), TextDataset(texts, y), classes, "text", index)
@@ -86,7 +86,7 @@ def test_experts_wrap_the_language_models_linears_and_old_ones_stay_frozen():
 
 
 def test_unknown_text_targets_are_one_clear_error():
-    from cl.errors import ConfigError
+    from cl.engine.errors import ConfigError
     from strategies.mora_text import add_text_experts
 
     with pytest.raises(ConfigError, match="match no Linear of the text backbone"):

@@ -7,9 +7,9 @@ import torch
 
 import scenarios
 import strategies
-from cl import backbones
-from cl.cli import compose_config
-from cl.trainer import Trainer, TrainerConfig
+from cl.models import backbones
+from cl.app.cli import compose_config
+from cl.engine.trainer import Trainer, TrainerConfig
 
 
 def build_mos(*overrides):
@@ -101,7 +101,7 @@ def test_classifier_alignment_fits_the_head_to_the_stored_gaussians():
 
 @pytest.fixture(scope="module")
 def mos_vs_finetune(tmp_path_factory):
-    from cl.experiment import run_experiment
+    from cl.app.experiment import run_experiment
 
     root = tmp_path_factory.mktemp("mos")
     out = {}

@@ -8,9 +8,9 @@ import torch
 
 import scenarios
 import strategies
-from cl import backbones
-from cl.cli import compose_config
-from cl.data import to_model_input
+from cl.models import backbones
+from cl.app.cli import compose_config
+from cl.engine.data import to_model_input
 from strategies.mos import StackedAdapters
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cl.backbones import build
-from cl.errors import BackboneError
+from cl.models.backbones import build
+from cl.engine.errors import BackboneError
 
 
 def _cfg(name):

@@ -1,4 +1,4 @@
-"""cl.ops / csrc: the fused mean-teacher kernel equals its PyTorch reference on random inputs.
+"""cl.models.ops / csrc: the fused mean-teacher kernel equals its PyTorch reference on random inputs.
 
 The CPU build runs in CI (not slow-marked): one cold build per test session into a temporary CLBENCH_EXT_DIR
 (the session fixture `ops_ext` in conftest.py, shared with tests/test_ema.py; `-s` prints the build time), then
@@ -9,7 +9,7 @@ or ninja the kernel tests skip with the reason; the reference tests always run.
 import pytest
 import torch
 
-from cl import ops
+from cl.models import ops
 
 
 @pytest.fixture

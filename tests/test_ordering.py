@@ -9,8 +9,8 @@ import pytest
 
 
 def _last(strategy: str, scenario: str, root, *extra: str) -> float:
-    from cl.cli import compose_config
-    from cl.experiment import run_experiment
+    from cl.app.cli import compose_config
+    from cl.app.experiment import run_experiment
 
     cfg = compose_config([f"strategy={strategy}", f"scenario={scenario}", "debug=learn", f"results_root={root}",
                           "trainer.progress=false", "trainer.device=cpu", *extra])
@@ -44,8 +44,8 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hard(tmp_path_factory, data_root):
     """hard(strategy, backbone) -> the last accuracies over SEEDS on synthetic-hard (each run once per module)."""
-    from cl.cli import compose_config
-    from cl.experiment import run_experiment
+    from cl.app.cli import compose_config
+    from cl.app.experiment import run_experiment
 
     root, memo = tmp_path_factory.mktemp("hard"), {}
 

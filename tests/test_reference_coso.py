@@ -1,8 +1,8 @@
 """CoSO against a re-statement of the reference step (quinn-ch/CoSO, read at 1a50a11), two tasks on a tiny ViT,
-and the reference's own behaviour where the project's optional extra projection of P (cl/subspace.py
+and the reference's own behaviour where the project's optional extra projection of P (cl/models/subspace.py
 `project_p`) differs.
 
-The re-statement, written from the reference and sharing nothing with cl/subspace.py:
+The re-statement, written from the reference and sharing nothing with cl/models/subspace.py:
 - DoubleSVD.increment_update (coso/coso_projector.py:16-38): U, s = svd(G); P = U[:, :proj_rank]; FD with rank r2:
   shrink by s[r2]^2; merge [decay * S, Q] through a second SVD and shrink again;
 - CoSOProjector.project (:61-73): G' = G - M M^T G when cur_task > 0; refresh when P is None or step % gap == 0;
@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.backbones import Backbone
-from cl.stream import Experience, StreamInfo
-from cl.strategy import Batch
-from cl.subspace import CoSOAdam
-from scenarios.synthetic_forget import make_vit
+from cl.models.backbones import Backbone
+from cl.engine.stream import Experience, StreamInfo
+from cl.engine.strategy import Batch
+from cl.models.subspace import CoSOAdam
+from cl.app.testbeds.synthetic_forget import make_vit
 from strategies.coso import CoSO
 
 R1, R2, GAP, THR, T, LR, FC_LR = 3, 5, 1, 0.98, 3.0, 1e-3, 2e-3

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 import strategies.cotta as cotta_mod
-from cl.stream import StreamInfo
+from cl.engine.stream import StreamInfo
 from strategies.cotta import CoTTA
 from tta_tiny import Tiny, source_model as tiny_source_model  # noqa: F401
 
@@ -179,7 +179,7 @@ def test_pooled_views_are_not_the_reference(record_views):
 
 
 def test_view_pass_rejects_unknown_modes():
-    from cl.errors import ConfigError
+    from cl.engine.errors import ConfigError
 
     with pytest.raises(ConfigError, match="view_pass"):
         CoTTA(view_pass="one")

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torch import nn
 
-from cl.backbones import Backbone
-from cl.errors import ConfigError
-from cl.stream import StreamInfo
-from cl.strategy import Batch
+from cl.models.backbones import Backbone
+from cl.engine.errors import ConfigError
+from cl.engine.stream import StreamInfo
+from cl.engine.strategy import Batch
 from strategies.derpp import DERpp, DeviceAugment
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2615)  # seq_cifar10.py:65-66
@@ -228,7 +228,7 @@ def test_replay_starts_where_the_reference_starts(replay_first, first_replay_ste
 
 
 def test_through_the_trainer_the_buffer_holds_only_raw_images():
-    from cl.trainer import Trainer, TrainerConfig
+    from cl.engine.trainer import Trainer, TrainerConfig
     from test_batch_extras import crop_flip_stream  # a Split stream of 8 px images with crop_flip
 
     stream, images = crop_flip_stream((10, 7))

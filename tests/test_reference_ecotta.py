@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cl.backbones import Backbone
-from cl.stream import StreamInfo
-from scenarios.synthetic_c import SmallResNet
+from cl.models.backbones import Backbone
+from cl.engine.stream import StreamInfo
+from cl.app.testbeds.synthetic_c import SmallResNet
 
 ATOL = 1e-5
 
@@ -281,7 +281,7 @@ def test_warmup_matches_the_community_loop(monkeypatch):
     weight decay (main.py:281), the per-batch lr above, CE on the whole network in train mode (main.py:111, 307:
     frozen BNs on batch statistics), the same batches in the same order; the meta parameters after it agree."""
     import strategies.ecotta as ecotta
-    from cl.data import make_loader
+    from cl.engine.data import make_loader
     from torch.utils.data import TensorDataset
 
     monkeypatch.setattr(ecotta, "_warmup_augment", lambda x, gen=None: x)
@@ -308,7 +308,7 @@ def test_warmup_matches_the_community_loop(monkeypatch):
 
 
 def test_bad_options_are_one_line_config_errors():
-    from cl.errors import ConfigError
+    from cl.engine.errors import ConfigError
     from strategies.ecotta import EcoTTA
 
     with pytest.raises(ConfigError, match="frozen_bn must be one of batch, source"):

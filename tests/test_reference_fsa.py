@@ -24,13 +24,13 @@ from torch.utils.data import TensorDataset
 
 import scenarios
 import strategies
-from cl import backbones
-from cl.backbones import Backbone
-from cl.cli import compose_config
-from cl.data import to_model_input
-from cl.strategy import Batch
-from cl.stream import Experience, Stream, StreamInfo, eval_view
-from cl.trainer import Trainer, TrainerConfig, make_scheduler
+from cl.models import backbones
+from cl.models.backbones import Backbone
+from cl.app.cli import compose_config
+from cl.engine.data import to_model_input
+from cl.engine.strategy import Batch
+from cl.engine.stream import Experience, Stream, StreamInfo, eval_view
+from cl.engine.trainer import Trainer, TrainerConfig, make_scheduler
 
 N_BASE = 10  # synthetic-fscil's base session: classes 0..9 of 20
 

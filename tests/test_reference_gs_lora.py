@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.backbones import Backbone
-from cl.data import to_model_input
-from cl.heads import CosFaceHead
-from cl.peft import LoRALinear
-from cl.strategy import Batch
-from scenarios.forgetting import build_forgetting, forget_requests, from_history
-from scenarios.synthetic_forget import make_vit
+from cl.models.backbones import Backbone
+from cl.engine.data import to_model_input
+from cl.models.heads import CosFaceHead
+from cl.models.peft import LoRALinear
+from cl.engine.strategy import Batch
+from scenarios.kinds.forgetting import build_forgetting, forget_requests, from_history
+from cl.app.testbeds.synthetic_forget import make_vit
 from strategies.gs_lora import GSLoRA, GSLoRAPP
 
 SYN = {"n_classes": 6, "image_size": 32, "train_per_class": 10, "test_per_class": 4, "seed": 0}
@@ -265,7 +265,7 @@ def test_drop_is_measured_from_the_model_at_the_start_of_the_request():
 
 
 def test_synthetic_forget_cosface_head_trains_and_gs_lora_uses_its_margin(tmp_path):
-    from scenarios.synthetic_forget import build_source
+    from cl.app.testbeds.synthetic_forget import build_source
 
     cfg = {"synthetic": {"n_classes": 4, "train_per_class": 8, "test_per_class": 2}, "epochs": 1,
            "vit": {"embed_dim": 32, "depth": 1, "num_heads": 2}, "head": "cosface", "cache_dir": str(tmp_path)}

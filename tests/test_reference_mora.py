@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.strategy import Batch
+from cl.engine.strategy import Batch
 from strategies.mora import RankOneExperts
 
 
@@ -69,7 +69,7 @@ def _swap(model):
 def _setup(compose, topk):
     import scenarios
     import strategies
-    from cl.backbones import build
+    from cl.models.backbones import build
 
     cfg = compose("strategy=mora", "scenario=synthetic-xtail", "backbone=clip-tiny", "scenario.limit_per_class=4",
                   "strategy.rank=4", f"strategy.topk={topk}")

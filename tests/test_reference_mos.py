@@ -36,12 +36,12 @@ import torch.nn.functional as F
 
 import scenarios
 import strategies
-from cl import backbones
-from cl.cli import compose_config
-from cl.data import to_model_input
-from cl.stream import eval_view
-from cl.strategy import Batch
-from cl.trainer import Trainer, TrainerConfig, normalize_groups
+from cl.models import backbones
+from cl.app.cli import compose_config
+from cl.engine.data import to_model_input
+from cl.engine.stream import eval_view
+from cl.engine.strategy import Batch
+from cl.engine.trainer import Trainer, TrainerConfig, normalize_groups
 
 BS = 4           # training batch size: stats batches of 12 (a class has 16 images: 2 batches), test batches of 4
 STEPS = 3        # SGD steps per experience

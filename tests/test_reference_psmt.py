@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import strategies.cotta as cotta_mod
 import strategies.psmt as psmt_mod
-from cl.stream import StreamInfo
+from cl.engine.stream import StreamInfo
 from strategies.psmt import PSMT
 from tta_tiny import Tiny, source_model as tiny_source_model  # noqa: F401
 
@@ -209,7 +209,7 @@ def test_quantile_is_the_reference_interpolation():
 
 
 def test_teacher_update_rejects_unknown_modes():
-    from cl.errors import ConfigError
+    from cl.engine.errors import ConfigError
 
     with pytest.raises(ConfigError, match="teacher_update"):
         PSMT(teacher_update="both")

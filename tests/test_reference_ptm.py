@@ -3,7 +3,7 @@
 Each test builds the strategy on the project's test ViT (vit-tiny: 4 blocks, width 128, 32 px) and, next to it, an
 independent re-statement of the reference code's computation, written here from reading the reference (file and
 lines are cited at each function). The re-statement works on plain tensors copied from the same weights and runs
-on the same batches; it never calls the strategy's or `cl.peft`'s code for the part it checks. Compared (fp32):
+on the same batches; it never calls the strategy's or `cl.models.peft`'s code for the part it checks. Compared (fp32):
 the loss, the gradients of the trained parameters after one step, the parameters after a few optimiser steps,
 prototypes / class statistics and the predictions.
 
@@ -22,10 +22,10 @@ import torch.nn.functional as F
 
 import scenarios
 import strategies
-from cl import backbones
-from cl.cli import compose_config
-from cl.strategy import Batch
-from cl.trainer import Trainer, TrainerConfig, normalize_groups
+from cl.models import backbones
+from cl.app.cli import compose_config
+from cl.engine.strategy import Batch
+from cl.engine.trainer import Trainer, TrainerConfig, normalize_groups
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -411,7 +411,7 @@ def lae_forward(x, W, P, pet, geo, blocks):
 
 
 def lae_step(s, opt, x, y):
-    """One step in the trainer's order (cl/trainer.py `_train_sgd`)."""
+    """One step in the trainer's order (cl/engine/trainer.py `_train_sgd`)."""
     s.train()
     loss = s.train_step(Batch(x, y, None))
     opt.zero_grad(set_to_none=True)

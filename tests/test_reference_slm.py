@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.strategy import Batch
-from scenarios.synthetic_text import make_texts
+from cl.engine.strategy import Batch
+from scenarios.datasets.synthetic_text import make_texts
 from strategies.slm import SLM, TaskKeys
 
 
@@ -94,7 +94,7 @@ def test_keys_trained_with_different_dropout_differ_at_the_defaults():
 
 @pytest.fixture(scope="module")
 def minilm():
-    from cl.backbones import build
+    from cl.models.backbones import build
 
     return build({"source": "hf", "name": "minilm", "path": "bundled-minilm", "max_length": 16})
 
@@ -114,8 +114,8 @@ class RefDense(nn.Module):
 
 def _shared_stream():
     """Three tasks; tasks 0 and 2 share the label space {0, 1} (Yelp/Amazon-like), task 1 owns {2, 3}."""
-    from cl.stream import Experience, StreamInfo
-    from scenarios.text import TextDataset
+    from cl.engine.stream import Experience, StreamInfo
+    from scenarios.kinds.text import TextDataset
 
     info = StreamInfo("t", "text", 4, 3, [0, 1, 2, 3], classes_per_experience=[[0, 1], [2, 3], [0, 1]],
                       input_shape=())

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.backbones import Backbone
-from cl.stream import StreamInfo
-from cl.strategy import Batch
+from cl.models.backbones import Backbone
+from cl.engine.stream import StreamInfo
+from cl.engine.strategy import Batch
 from strategies.sparcl import SparCL
 
 LR = 0.2
@@ -226,7 +226,7 @@ def test_data_removal_matches_the_reference():
 
 # --- through the trainer ---------------------------------------------------------------------------------
 def test_trainer_gives_sparcl_example_ids_and_only_full_batches():
-    from cl.trainer import Trainer, TrainerConfig
+    from cl.engine.trainer import Trainer, TrainerConfig
     from test_batch_extras import crop_flip_stream
 
     stream, _ = crop_flip_stream((10, 7))

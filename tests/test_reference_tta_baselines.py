@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cl.backbones import Backbone
-from cl.stream import StreamInfo
-from scenarios.synthetic_c import SmallResNet
+from cl.models.backbones import Backbone
+from cl.engine.stream import StreamInfo
+from cl.app.testbeds.synthetic_c import SmallResNet
 
 ATOL = 1e-5
 

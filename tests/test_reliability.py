@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import cl.results as results
-import cl.trainer as trainer_module
-from cl.errors import BackboneError, DatasetError, ResultsError, RunInterrupted, RunLockedError
-from cl.results import RunDir, config_hash
+import cl.engine.results as results
+import cl.engine.trainer as trainer_module
+from cl.engine.errors import BackboneError, DatasetError, ResultsError, RunInterrupted, RunLockedError
+from cl.engine.results import RunDir, config_hash
 
 # 5 experiences x 2 epochs x 2 batches of 16 (debug=fast keeps 16 images per class, 2 classes per experience):
 # training step s (1-based) is experience (s-1)//4, epoch ((s-1)//2)%2, batch (s-1)%2+1.
@@ -43,8 +43,8 @@ def assert_same_state(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory):
     """The reference: the same config, never interrupted (matrices and the final weights)."""
-    from cl.cli import compose_config
-    from cl.experiment import run_experiment
+    from cl.app.cli import compose_config
+    from cl.app.experiment import run_experiment
 
     root = tmp_path_factory.mktemp("unbroken")
     cfg = compose_config([*OVERRIDES, f"results_root={root}", "trainer.progress=false", "trainer.device=cpu"])
@@ -119,7 +119,7 @@ def test_stop_signal_checkpoints_mid_experience_and_resumes_exactly(compose, run
 
 def test_a_stop_between_experiences_resumes_from_the_experience_checkpoint(compose, run_quiet, monkeypatch):
     """SimpleCIL does not train by SGD: the stop is honoured inside its pass over the data (a watched loader,
-    cl/progress.py), and the experience restarts from the previous experience's checkpoint."""
+    cl/engine/progress.py), and the experience restarts from the previous experience's checkpoint."""
     from strategies.simplecil import SimpleCIL
 
     cfg = compose("strategy=simplecil", "scenario=synthetic", "debug=fast")
@@ -139,7 +139,7 @@ def test_a_stop_between_experiences_resumes_from_the_experience_checkpoint(compo
         with pytest.raises(RunInterrupted) as info:
             run_quiet(cfg)
     assert info.value.epoch is None and info.value.experience == 1  # within the pass, not at its end
-    assert info.value.phase == "feature extraction"  # SimpleCIL encodes its data through cl/features.py
+    assert info.value.phase == "feature extraction"  # SimpleCIL encodes its data through cl/engine/features.py
     assert not run_dir(cfg).partial_path.exists()
     path, lines = run_quiet(cfg)
     assert any("after experience 0" in line for line in lines)
@@ -314,7 +314,7 @@ def _malicious(path: Path, marker: Path) -> bytes:
 def test_every_torch_load_in_the_engine_is_weights_only():
     root = Path(__file__).resolve().parent.parent
     calls = []
-    for name in ("cl/backbones.py", "cl/results.py"):
+    for name in ("cl/models/backbones.py", "cl/engine/results.py"):
         for line in (root / name).read_text().splitlines():
             if "torch.load(" in line:
                 calls.append((name, line))
@@ -340,7 +340,7 @@ def test_a_malicious_checkpoint_is_refused_without_running_it(compose, run_quiet
 
 
 def test_a_malicious_weights_file_is_refused_without_running_it(tmp_path):
-    from cl.experiment import _build_backbone
+    from cl.app.experiment import _build_backbone
 
     marker = tmp_path / "pwned"
     weights = tmp_path / "weights.pth"
@@ -377,7 +377,7 @@ def _image_tree(root: Path) -> tuple[Path, list[Path]]:
 def test_truncated_images_are_found_at_scan_time(tmp_path):
     from PIL import Image
 
-    from scenarios.imagefolder import read_imagefolder_split
+    from scenarios.datasets.imagefolder import read_imagefolder_split
 
     root, damaged = _image_tree(tmp_path / "pets")
     with Image.open(damaged[0]) as im:
@@ -408,7 +408,7 @@ def test_bad_images_fail_or_skip_and_report_through_a_run(compose, run_quiet, tm
 
 
 def test_an_image_damaged_after_the_scan_is_a_clear_error(tmp_path):
-    from scenarios.imagefolder import read_imagefolder_split
+    from scenarios.datasets.imagefolder import read_imagefolder_split
 
     root, damaged = _image_tree(tmp_path / "pets")
     train, _ = read_imagefolder_split(root, image_size=16, name="pets", bad_images="skip")

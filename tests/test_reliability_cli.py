@@ -226,8 +226,8 @@ def test_one_process_per_run_directory_and_different_runs_do_not_clash(tmp_path)
 
 
 def _resnet_weights(path: Path) -> Path:
-    from cl.cli import compose_config
-    from cl import backbones
+    from cl.app.cli import compose_config
+    from cl.models import backbones
 
     backbone = backbones.build(compose_config(["backbone=resnet-tiny"])["backbone"])
     torch.save(backbone.model.state_dict(), path)

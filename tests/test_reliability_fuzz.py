@@ -1,5 +1,5 @@
-"""The config surface, fuzzed in-process through Hydra's compose API (`cl.cli.compose_config`, what `run.py`
-composes) and the checks `run_experiment` makes before any work (`cl.experiment.check_config`).
+"""The config surface, fuzzed in-process through Hydra's compose API (`cl.app.cli.compose_config`, what `run.py`
+composes) and the checks `run_experiment` makes before any work (`cl.app.experiment.check_config`).
 
 Every outcome must be a valid config or a `ClbenchError` with a one-line message: never another exception type,
 never a multi-line message. `CLBENCH_FUZZ_EXAMPLES` sets the number of cases (default 200).
@@ -10,8 +10,8 @@ import string
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cl.cli import compose_config, config_keys, group_options
-from cl.errors import ClbenchError
+from cl.app.cli import compose_config, config_keys, group_options
+from cl.engine.errors import ClbenchError
 
 EXAMPLES = int(os.environ.get("CLBENCH_FUZZ_EXAMPLES", "200"))
 GROUPS = {g: group_options(g) for g in ("strategy", "scenario", "backbone", "trainer", "debug")}
@@ -65,7 +65,7 @@ def override(draw) -> str:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
 @given(st.lists(override(), min_size=0, max_size=4))
 def test_every_config_is_valid_or_one_clear_line(overrides):
-    from cl.experiment import check_config
+    from cl.app.experiment import check_config
 
     try:
         cfg = compose_config(overrides)

@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from cl.results import RunDir, config_hash, finished_indices, matrix_csv
+from cl.engine.results import RunDir, config_hash, finished_indices, matrix_csv
 
 
 def test_config_hash_ignores_where_and_how_verbosely():

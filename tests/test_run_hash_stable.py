@@ -3,8 +3,8 @@
 The expected values were computed with the code of commit de8f3c8."""
 import pytest
 
-from cl.cli import compose_config
-from cl.results import config_hash
+from cl.app.cli import compose_config
+from cl.engine.results import config_hash
 
 
 @pytest.mark.parametrize("overrides, expected", [

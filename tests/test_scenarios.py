@@ -7,9 +7,9 @@ import torch
 from omegaconf import OmegaConf
 
 import scenarios
-from cl.errors import ConfigError
+from cl.engine.errors import ConfigError
 from scenarios import class_incremental, class_order, make_synthetic, task_splits
-from scenarios.datasets import TensorImageDataset, load_digits_dataset
+from scenarios.datasets.base import TensorImageDataset, load_digits_dataset
 
 
 def pilot_order(n, seed):

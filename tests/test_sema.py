@@ -8,11 +8,11 @@ import torch
 
 import scenarios
 import strategies
-from cl import backbones
-from cl.cli import compose_config
-from cl.data import make_loader, to_model_input
+from cl.models import backbones
+from cl.app.cli import compose_config
+from cl.engine.data import make_loader, to_model_input
 from scenarios import make_synthetic
-from scenarios.subset import TargetSubset
+from cl.engine.subset import TargetSubset
 from strategies.sema import SemaSlot
 
 CPU = torch.device("cpu")
@@ -148,7 +148,7 @@ def test_expanded_structure_is_rebuilt_on_load():
 
 @pytest.fixture(scope="module")
 def sema_vs_finetune(tmp_path_factory):
-    from cl.experiment import run_experiment
+    from cl.app.experiment import run_experiment
 
     root = tmp_path_factory.getbasetemp() / "ptm2-shared-runs"  # finetune's run is shared with test_fsa.py
     out = {}

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from scenarios.synthetic_text import make_texts
+from scenarios.datasets.synthetic_text import make_texts
 from strategies.slm import JAReLinear, TaskKeys
 
 N_TASKS = 3
@@ -11,7 +11,7 @@ N_TASKS = 3
 
 @pytest.fixture(scope="module")
 def encoder():
-    from cl.backbones_hf import HFTextEncoder
+    from cl.models.backbones_hf import HFTextEncoder
 
     return HFTextEncoder("bundled-minilm", max_length=32).eval()
 
@@ -66,10 +66,10 @@ def test_jare_merge_is_the_weighted_sum_of_low_rank_increments():
 
 
 def test_training_a_task_moves_only_its_slots_and_head_rows():
-    from cl.backbones import build
-    from cl.stream import Experience, StreamInfo
-    from cl.strategy import Batch
-    from scenarios.text import TextDataset
+    from cl.models.backbones import build
+    from cl.engine.stream import Experience, StreamInfo
+    from cl.engine.strategy import Batch
+    from scenarios.kinds.text import TextDataset
     from strategies.slm import SLM
 
     torch.manual_seed(0)
@@ -112,15 +112,15 @@ def test_slm_beats_finetune_on_synthetic_text(compose, run_quiet):
 
 
 def test_hf_backbone_missing_path_is_one_line_error(tmp_path):
-    from cl.backbones_hf import resolve_path
-    from cl.errors import BackboneError
+    from cl.models.backbones_hf import resolve_path
+    from cl.engine.errors import BackboneError
 
     with pytest.raises(BackboneError, match="config.json"):
         resolve_path(str(tmp_path / "nope"))
 
 
 def test_hf_source_builds_bundled_minilm_backbone():
-    from cl.backbones import build
+    from cl.models.backbones import build
 
     bb = build({"source": "hf", "name": "minilm", "path": "bundled-minilm", "max_length": 16})
     assert bb.feature_dim == 384
@@ -129,7 +129,7 @@ def test_hf_source_builds_bundled_minilm_backbone():
 
 
 def test_slm_rejects_bad_config():
-    from cl.errors import ConfigError
+    from cl.engine.errors import ConfigError
     from strategies.slm import SLM
 
     with pytest.raises(ConfigError, match="sample or batch"):

@@ -85,10 +85,10 @@ def _wait_for_run_line(submitit: Path, strategy: str, proc: subprocess.Popen, ti
 
 
 def test_multirun_on_slurm_with_requeue_and_leaderboard(slurm_cluster, tmp_path):
-    from cl.leaderboard import find_results, write_leaderboard
+    from cl.app.leaderboard import find_results, write_leaderboard
 
     runs, sweep = tmp_path / "runs", tmp_path / "sweep"  # fresh: job ids restart after a purge (stale pickles)
-    # The launcher's own CPU and memory defaults (capped by what the partition offers, cl/slurm.py): a default that
+    # The launcher's own CPU and memory defaults (capped by what the partition offers, cl/app/slurm.py): a default that
     # asked for more than the one-node cluster has would leave the jobs PENDING for ever.
     env = {**_without_slurm_settings(),
            # >= 13 min so that submitit calls a USR2 "pre-emption", not a time-out (it counts those)

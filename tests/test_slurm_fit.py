@@ -1,9 +1,9 @@
-"""The Slurm request fits the partition (cl/slurm.py), checked against a stand-in `sinfo`/`scontrol` on PATH, so
+"""The Slurm request fits the partition (cl/app/slurm.py), checked against a stand-in `sinfo`/`scontrol` on PATH, so
 it runs without a cluster; tests/test_slurm.py checks the same on the real one-node cluster."""
 import os
 import stat
 
-from cl import slurm
+from cl.app import slurm
 
 
 def fake_tools(tmp_path, sinfo: str, scontrol: str = "") -> dict:
@@ -42,14 +42,14 @@ def test_why_pending_names_the_fix(tmp_path, monkeypatch):
 
 
 def test_launcher_config_uses_the_fitted_values(tmp_path, monkeypatch):
-    from cl.cli import compose_config
+    from cl.app.cli import compose_config
 
     env = fake_tools(tmp_path, "debug*|2|21000")
     monkeypatch.setenv("PATH", env["PATH"])
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from cl.cli import CONFIG_DIR
+    from cl.app.cli import CONFIG_DIR
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)

@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 
 import scenarios
-from cl.cli import compose_config
-from cl.errors import DatasetError
-from scenarios.cifar10 import crop_flip, read_cifar10
-from scenarios.tiny_imagenet import read_tiny_imagenet
+from cl.app.cli import compose_config
+from cl.engine.errors import DatasetError
+from scenarios.datasets.cifar10 import crop_flip, read_cifar10
+from scenarios.datasets.tiny_imagenet import read_tiny_imagenet
 
 
 def _cifar10_tree(root, per_class=2):

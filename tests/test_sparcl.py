@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from cl.flops import TrainFlopMeter, count_flops, sparse_flops
-from cl.stream import StreamInfo
+from cl.engine.flops import TrainFlopMeter, count_flops, sparse_flops
+from cl.engine.stream import StreamInfo
 from strategies.sparcl import (ForgettingStats, IndexedView, Schedule, SparCL, exact_mask, importance, regrow,
                                sparsity_of)
 
@@ -70,7 +70,7 @@ def test_flop_meter_scales_masked_layers_by_their_densities():
 
 
 def tiny_sparcl(**kw):
-    from cl.backbones import build
+    from cl.models.backbones import build
 
     cfg = dict(name="resnet18-tiny", source="timm-cifar", arch="resnet18", input_size=32, in_chans=3,
                normalize="none", pretrained=False, weights=None, kwargs={"channels": [8, 16, 32, 64],
@@ -86,7 +86,7 @@ def tiny_sparcl(**kw):
 
 
 def sgd_step(s, opt, x, y):
-    from cl.strategy import Batch
+    from cl.engine.strategy import Batch
 
     loss = s.train_step(Batch(x, y, raw=x))
     opt.zero_grad(set_to_none=True)
@@ -161,7 +161,7 @@ def test_removal_epoch_shrinks_the_training_set():
     view = s.training_data(Seen([Exp()]))
     s.begin_epoch(0, 10)
     s._idx = torch.arange(8)
-    from cl.strategy import Batch
+    from cl.engine.strategy import Batch
 
     s.after_forward(Batch(torch.zeros(8, 1), torch.tensor([i % 2 for i in range(8)])),
                     torch.eye(2)[[i % 2 for i in range(8)]])  # all correct: zero forgetting events
@@ -171,8 +171,8 @@ def test_removal_epoch_shrinks_the_training_set():
 
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
-    from cl.cli import compose_config
-    from cl.experiment import run_experiment
+    from cl.app.cli import compose_config
+    from cl.app.experiment import run_experiment
 
     root = tmp_path_factory.mktemp("sparcl")
     out = {}

@@ -59,8 +59,8 @@ def test_device_crop_flip_pads_with_zeros_and_flips():
 
 
 def test_cifar_presets_normalise_with_the_reference_statistics():
-    from cl.backbones import NORMALIZATIONS
-    from cl.cli import compose_config
+    from cl.models.backbones import NORMALIZATIONS
+    from cl.app.cli import compose_config
 
     for preset, norm in (("sparcl_cifar10", "cifar10"), ("derpp_cifar10", "cifar10"),
                          ("sparcl_tiny-imagenet", "tiny-imagenet")):

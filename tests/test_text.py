@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from cl.errors import ConfigError, DatasetError
-from scenarios.text import ORDERS, build_text
+from cl.engine.errors import ConfigError, DatasetError
+from scenarios.kinds.text import ORDERS, build_text
 
 
 def write_idbr(root, names=("ag", "yelp", "amazon", "dbpedia", "yahoo"), per_class=10, jsonl=()):

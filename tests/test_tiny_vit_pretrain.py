@@ -1,5 +1,5 @@
-"""The pre-trained tiny ViT (scenarios/vit_warmup.py, configs/backbone/vit-tiny-pretrained.yaml), the shared
-pre-training cache (cl/model_cache.py) and `scenario.synthetic.difficulty`: the pre-training set is disjoint from
+"""The pre-trained tiny ViT (cl/app/testbeds/vit_warmup.py, configs/backbone/vit-tiny-pretrained.yaml), the shared
+pre-training cache (cl/engine/model_cache.py) and `scenario.synthetic.difficulty`: the pre-training set is disjoint from
 every stream, the cache is keyed, atomic, reused and leaves the run's RNG alone, difficulty 0 keeps the old images,
 and clip-tiny-xtail's cache key did not move when its cache moved to the shared module."""
 import hashlib
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from scenarios import vit_warmup as V
+from cl.app.testbeds import vit_warmup as V
 
 
 def _digest(*datasets) -> str:
@@ -17,7 +17,7 @@ def _digest(*datasets) -> str:
 
 
 def test_difficulty_zero_keeps_the_images_of_before_and_difficulty_changes_them():
-    from scenarios.synthetic import make_synthetic
+    from scenarios.datasets.synthetic import make_synthetic
 
     # digests of make_synthetic's images before `difficulty` existed (computed on the parent commit)
     assert _digest(*make_synthetic()) == "db8151df85cc94ff"
@@ -31,7 +31,7 @@ def test_difficulty_zero_keeps_the_images_of_before_and_difficulty_changes_them(
 
 def test_bad_difficulty_is_one_clear_error(compose):
     import scenarios
-    from cl.errors import ConfigError
+    from cl.engine.errors import ConfigError
 
     with pytest.raises(ConfigError, match="difficulty"):
         scenarios.build(compose("scenario=synthetic", "scenario.synthetic.difficulty=-1")["scenario"])
@@ -39,7 +39,7 @@ def test_bad_difficulty_is_one_clear_error(compose):
 
 def test_pretraining_set_is_disjoint_from_every_stream(compose):
     """Other class patterns (a random-stream tag no stream uses), other images: for the synthetic streams' seeds."""
-    from scenarios.synthetic import _class_pattern, make_synthetic
+    from scenarios.datasets.synthetic import _class_pattern, make_synthetic
 
     w = {**V.DEFAULTS}
     xs, ys = V.pretrain_split(w["n_classes"], 5, 32, 3, w["difficulty"], w["noise"], w["seed"])
@@ -63,7 +63,7 @@ def _cfg(compose, tmp_path, *extra):
 
 
 def test_cache_is_keyed_atomic_reused_and_leaves_the_run_rng_alone(compose, tmp_path, monkeypatch):
-    from cl.backbones import build
+    from cl.models.backbones import build
 
     cfg = _cfg(compose, tmp_path)
     torch.manual_seed(7), np.random.seed(7), random.seed(7)
@@ -96,7 +96,7 @@ def test_cache_is_keyed_atomic_reused_and_leaves_the_run_rng_alone(compose, tmp_
 
 
 def test_unknown_warmup_key_is_one_clear_error(compose, tmp_path):
-    from cl.errors import ConfigError
+    from cl.engine.errors import ConfigError
 
     cfg = _cfg(compose, tmp_path)
     with pytest.raises(ConfigError, match="unknown key"):
@@ -104,8 +104,8 @@ def test_unknown_warmup_key_is_one_clear_error(compose, tmp_path):
 
 
 def test_xtail_cache_key_unchanged_by_the_shared_cache(compose):
-    """clip-tiny-xtail's default cache file name, as computed before cl/model_cache.py existed."""
-    from scenarios import xtail_warmup as W
+    """clip-tiny-xtail's default cache file name, as computed before cl/engine/model_cache.py existed."""
+    from cl.app.testbeds import xtail_warmup as W
 
     cfg = compose("scenario=synthetic-xtail", "data_root=/x")["backbone"]
     assert W.cache_path(cfg["model_cfg"], cfg["warmup"])[1] == "b1d685cfec88125e"

@@ -5,9 +5,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from cl.stream import Experience, Stream, StreamInfo
-from cl.strategy import Strategy
-from cl.trainer import Trainer, TrainerConfig
+from cl.engine.stream import Experience, Stream, StreamInfo
+from cl.engine.strategy import Strategy
+from cl.engine.trainer import Trainer, TrainerConfig
 
 
 class Identity(nn.Module):
@@ -179,7 +179,7 @@ def test_fwt_uses_the_matching_baseline(compose, run_quiet):
     r = json.loads(path.read_text())
     assert all(v is not None for row in r["acc_matrix"] for v in row)
     assert len(r["initial_task_il_accuracy"]) == len(r["acc_matrix"])
-    from cl import metrics
+    from cl.engine import metrics
 
     assert r["metrics"]["fwt"] == metrics.forward_transfer(r["acc_matrix"], r["initial_accuracy"])
     assert r["metrics"]["fwt_task_il"] == metrics.forward_transfer(r["task_il_matrix"], r["initial_task_il_accuracy"])
@@ -216,7 +216,7 @@ def test_tta_streams_are_scored_online_with_adapt_and_no_training():
 def test_a_non_finite_loss_stops_with_the_step_named():
     import pytest
 
-    from cl.trainer import NonFiniteLossError
+    from cl.engine.trainer import NonFiniteLossError
 
     class Exploding(Recorder):
         def train_step(self, batch):
@@ -238,7 +238,7 @@ def test_a_failed_run_keeps_its_finished_experiences(compose, run_quiet, monkeyp
 
     import pytest
 
-    from cl.trainer import NonFiniteLossError
+    from cl.engine.trainer import NonFiniteLossError
     from strategies.finetune import Finetune
 
     original = Finetune.train_step
@@ -251,7 +251,7 @@ def test_a_failed_run_keeps_its_finished_experiences(compose, run_quiet, monkeyp
     cfg_ = compose("strategy=finetune", "scenario=synthetic", "debug=fast", "trainer.log_every=1")
     with pytest.raises(NonFiniteLossError):
         run_quiet(cfg_)
-    from cl.results import RunDir, config_hash
+    from cl.engine.results import RunDir, config_hash
 
     result = json.loads(RunDir(cfg_["results_root"], config_hash(cfg_)).result_path.read_text())
     assert result["status"] == "failed" and len(result["acc_matrix"]) == 2
@@ -261,7 +261,7 @@ def test_a_failed_run_keeps_its_finished_experiences(compose, run_quiet, monkeyp
 def test_a_lone_last_sample_is_dropped_where_batchnorm_would_refuse_it():
     """`python run.py seed=1` on digits: an experience whose training set is 1 more than a multiple of the batch
     size trained a batch of one sample through the ResNet's BatchNorm, which torch refuses."""
-    from cl.strategy import Strategy as Base
+    from cl.engine.strategy import Strategy as Base
 
     class BNNet(Base):
         def setup(self, backbone, info):

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cl.stream import StreamInfo
-from scenarios.synthetic_c import build_source
+from cl.engine.stream import StreamInfo
+from cl.app.testbeds.synthetic_c import build_source
 
 STRATEGIES = [("source", ()), ("bn_adapt", ()), ("tent", ()), ("cotta", ("strategy.n_aug=4",)),
               ("ecotta", ("strategy.warmup_epochs=2",)), ("psmt", ("strategy.n_aug=4",))]
@@ -176,8 +176,8 @@ def test_psmt_masked_teacher_and_fisher_restore(data_root):
 
 
 def test_metrics_name_domains_and_average_repeats():
-    from cl.trainer import History
-    from scenarios.tta import metrics_from_history
+    from cl.engine.trainer import History
+    from scenarios.kinds.tta import metrics_from_history
 
     h = History(acc_matrix=[[90.0], [None, 70.0], [None, None, 80.0]], test_counts=[10, 10, 10],
                 costs=[{"domain": "a_1", "time_per_batch_s": 1.0}, {"domain": "b_1", "time_per_batch_s": 3.0},

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cl.errors import ConfigError
+from cl.engine.errors import ConfigError
 
 
 LABELS = np.random.default_rng(0).integers(0, 10, 10000)  # not periodic: a shifted label slice shows
@@ -44,7 +44,7 @@ def _row_index(x):
 
 
 def test_cifar_c_severity_slicing_and_labels(cifar_root):
-    from scenarios.cifar_c import load_cifar_c
+    from scenarios.datasets.cifar_c import load_cifar_c
 
     tmp_path, folder = cifar_root
     x, y = load_cifar_c("cifar10-c", tmp_path, "contrast", 5)  # severity 5: rows 40000..50000, all of them
@@ -58,7 +58,7 @@ def test_cifar_c_severity_slicing_and_labels(cifar_root):
 
 
 def test_cifar_c_stream_and_missing_file_lists_tree(cifar_root):
-    from scenarios.tta import build_tta
+    from scenarios.kinds.tta import build_tta
 
     tmp_path, folder = cifar_root
     s = build_tta({"dataset": "cifar10-c", "corruptions": ["gaussian_noise", "contrast"], "severity": 5,
@@ -75,7 +75,7 @@ def test_cifar_c_stream_and_missing_file_lists_tree(cifar_root):
 def test_imagenet_c_tree_uses_robustbench_ids(tmp_path):
     from PIL import Image
 
-    from scenarios.imagenet_c import ImageNetC, robustbench_ids
+    from scenarios.datasets.imagenet_c import ImageNetC, robustbench_ids
 
     ids = robustbench_ids()
     assert len(ids) == 5000 and len(set(ids)) == 5000
@@ -96,7 +96,7 @@ def test_imagenet_c_tree_uses_robustbench_ids(tmp_path):
 
 
 def test_robustbench_checkpoint_layout(tmp_path):
-    from scenarios.tta import robustbench_state_dict
+    from cl.models.backbones_robustbench import robustbench_state_dict
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     folder = tmp_path / "cifar10" / "corruptions"
@@ -112,7 +112,7 @@ def test_robustbench_checkpoint_layout(tmp_path):
 
 def test_generated_option_is_labelled(tmp_path):
     pytest.importorskip("imagecorruptions", reason="the optional extra `tta` is not installed: pip install -e .[tta]")
-    from scenarios.tta import build_tta
+    from scenarios.kinds.tta import build_tta
 
     s = build_tta({"dataset": "generated", "clean": {"dataset": "synthetic", "image_size": 32, "test_per_class": 2},
                    "corruptions": ["gaussian_noise"], "severity": 3}, tmp_path)
@@ -122,7 +122,7 @@ def test_generated_option_is_labelled(tmp_path):
 
 
 def test_unknown_corruption_is_a_config_error(tmp_path):
-    from scenarios.tta import build_tta
+    from scenarios.kinds.tta import build_tta
 
     with pytest.raises(ConfigError, match="scenario.corruptions"):
         build_tta({"dataset": "synthetic-c", "corruptions": ["gausian_noise"]}, tmp_path)

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cl.errors import ConfigError
-from scenarios.tta import build_tta, metrics_from_history
+from cl.engine.errors import ConfigError
+from scenarios.kinds.tta import build_tta, metrics_from_history
 
 SYN = {"dataset": "synthetic-c", "severity": 5, "limit_per_class": 2,
        "synthetic": {"train_per_class": 4, "test_per_class": 4}}
@@ -36,7 +36,7 @@ def test_order_seed_mixed_and_several_orders(tmp_path):
 
 
 def test_mean_error_per_order():
-    from cl.trainer import History
+    from cl.engine.trainer import History
 
     errs = [10.0, 20.0, 30.0, 50.0]
     h = History(acc_matrix=[[None] * i + [100 - e] for i, e in enumerate(errs)], test_counts=[5] * 4,
@@ -47,8 +47,8 @@ def test_mean_error_per_order():
 
 
 def _tent(extra):
-    from cl.backbones import Backbone
-    from cl.stream import Experience, StreamInfo
+    from cl.models.backbones import Backbone
+    from cl.engine.stream import Experience, StreamInfo
     from strategies.tent import Tent
 
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def test_declared_source_data_is_every_experience_train(tmp_path):
     import numpy as np
     from torch.utils.data import TensorDataset
 
-    from scenarios.registry import DATASETS, LoadedData
+    from scenarios.datasets.registry import DATASETS, LoadedData
 
     clean = TensorDataset(torch.zeros(6, 3, 32, 32, dtype=torch.uint8), torch.arange(6) % 2)
     DATASETS["tta-test-clean"] = lambda cfg, root: LoadedData(clean, clean)
@@ -137,7 +137,7 @@ def test_ecotta_preset_runs_end_to_end_on_tiny_files(compose, run_quiet, tmp_pat
     import numpy as np
     from torch.utils.data import TensorDataset
 
-    from scenarios.registry import DATASETS, LoadedData
+    from scenarios.datasets.registry import DATASETS, LoadedData
 
     g = torch.Generator().manual_seed(0)
     clean = TensorDataset(torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(20) % 10)

@@ -1,15 +1,15 @@
-"""The RobustBench source architectures (cl/backbones_robustbench.py): the reference's exact key names and shapes
+"""The RobustBench source architectures (cl/models/backbones_robustbench.py): the reference's exact key names and shapes
 at full size (built on the meta device, no allocation), checkpoint round trips in RobustBench's layout at test
 size, one-line errors; and EcoTTA's memory saving against CoTTA on WRN-28's real depth and partitioning."""
 import pytest
 import torch
 
-from cl.errors import BackboneError
-from cl.stream import StreamInfo
+from cl.engine.errors import BackboneError
+from cl.engine.stream import StreamInfo
 
 
 def _build(arch, tmp_path=None, **kw):
-    from cl.backbones_robustbench import build_robustbench
+    from cl.models.backbones_robustbench import build_robustbench
 
     cfg = {"arch": arch, "n_classes": 10, "input_size": 16, "pretrained": False, "normalize": "none", **kw}
     if tmp_path is not None:
@@ -18,7 +18,7 @@ def _build(arch, tmp_path=None, **kw):
 
 
 def test_full_size_architectures_have_the_reference_keys_and_shapes():
-    from cl.backbones_robustbench import CifarResNeXt, WideResNet, _resnet50
+    from cl.models.backbones_robustbench import CifarResNeXt, WideResNet, _resnet50
 
     with torch.device("meta"):
         wrn, rx, r50 = WideResNet(28, 10, 10), CifarResNeXt(29, 4, 32, 100), _resnet50(1000)
@@ -62,9 +62,9 @@ def test_checkpoint_round_trip_in_robustbench_layout(tmp_path, arch, dataset, na
 
 def test_resnet50_reads_normalize_model_wrapped_checkpoint(tmp_path):
     """RobustBench's Standard_R50 is torchvision's resnet50 inside normalize_model (keys model.*, normalize.*)."""
-    from cl.backbones_robustbench import strip_normalizer
+    from cl.models.backbones_robustbench import strip_normalizer
 
-    from scenarios.tta import robustbench_state_dict
+    from cl.models.backbones_robustbench import robustbench_state_dict
 
     with torch.device("meta"):
         bb = _build("resnet50", n_classes=1000)

@@ -54,7 +54,7 @@ def test_single_dataset_and_bad_shape():
 
 
 def test_union_label_stream_offsets_labels_and_keeps_all_names():
-    from scenarios.union_label import build_union_label
+    from scenarios.kinds.union_label import build_union_label
 
     spec = dict(image_size=32, train_per_class=4, test_per_class=2, noise=0.1)
     stream = build_union_label({"name": "u", "datasets": [

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from cl.errors import ConfigError
-from cl.loggers import wandb_mode
-from cl.results import config_hash
+from cl.engine.errors import ConfigError
+from cl.app.loggers import wandb_mode
+from cl.engine.results import config_hash
 
 
 @pytest.fixture

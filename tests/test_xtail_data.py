@@ -1,4 +1,4 @@
-"""The X-TAIL readers (scenarios/xtail_data.py) on tiny fake trees in the CoOp layout: class names and templates as
+"""The X-TAIL readers (scenarios/datasets/xtail_data.py) on tiny fake trees in the CoOp layout: class names and templates as
 the reference builds them, few-shot training, union label offsets, the one-line error for a missing dataset, and
 the mora_xtail preset end to end on the fake tree with the tiny CLIP."""
 import gzip
@@ -63,7 +63,7 @@ def _cfg(compose, tmp_path, *extra):
 
 def test_readers_build_the_union_with_the_reference_names_and_templates(compose, tmp_path):
     import scenarios
-    from cl.clip_heads import class_prompts
+    from cl.models.clip_heads import class_prompts
 
     stream = scenarios.build(_cfg(compose, tmp_path)["scenario"], tmp_path)
     info = stream.info
@@ -89,7 +89,7 @@ def test_readers_build_the_union_with_the_reference_names_and_templates(compose,
 
 def test_missing_dataset_is_one_line_naming_the_tree(compose, tmp_path):
     import scenarios
-    from cl.errors import DatasetError
+    from cl.engine.errors import DatasetError
 
     cfg = _cfg(compose, tmp_path, "scenario.datasets=[{source:xtail,name:food101}]")
     with pytest.raises(DatasetError) as err:

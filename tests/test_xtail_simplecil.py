@@ -11,7 +11,7 @@ import torch
 def simplecil(compose):
     import scenarios
     import strategies
-    from cl.backbones import build
+    from cl.models.backbones import build
 
     cfg = compose("strategy=simplecil", "scenario=synthetic-xtail", "backbone=clip-tiny", "scenario.limit_per_class=2")
     stream = scenarios.build(cfg["scenario"])

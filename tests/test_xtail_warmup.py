@@ -1,10 +1,10 @@
-"""synthetic-xtail's cached "pre-trained" tiny CLIP (scenarios/xtail_warmup.py): its pre-training split is disjoint
+"""synthetic-xtail's cached "pre-trained" tiny CLIP (cl/app/testbeds/xtail_warmup.py): its pre-training split is disjoint
 from the stream's images, the cache is keyed by its settings and reused, and building it leaves the run's RNG alone."""
 import numpy as np
 import pytest
 import torch
 
-from scenarios import xtail_warmup as W
+from cl.app.testbeds import xtail_warmup as W
 
 
 def _cfg(compose, tmp_path, *extra):
@@ -31,7 +31,7 @@ def test_pretraining_split_is_disjoint_from_the_stream_and_uses_union_labels(com
 
 
 def test_cache_is_keyed_by_settings_reused_and_rng_neutral(compose, tmp_path, monkeypatch):
-    from cl.backbones import build
+    from cl.models.backbones import build
 
     cfg = _cfg(compose, tmp_path)
     torch.manual_seed(123)
@@ -62,7 +62,7 @@ def test_cache_is_keyed_by_settings_reused_and_rng_neutral(compose, tmp_path, mo
 
 
 def test_no_datasets_is_one_clear_error():
-    from cl.errors import ConfigError
+    from cl.engine.errors import ConfigError
 
     with pytest.raises(ConfigError, match="warmup.datasets is empty"):
         W.settings_of({}, {"datasets": []})

@@ -1,0 +1,163 @@
+"""The strategy contract: what the trainer calls, in order (DESIGN.md, "Strategies").
+
+    setup(backbone, info)              once
+    begin_experience(exp)              add heads/adapters; return the parameter groups to optimise
+    configure_optimizer(groups)        optional: the strategy's own optimiser (None: the trainer's default)
+    begin_epoch(epoch, n_epochs)       optional: per-epoch switches (LAE's frozen-PET warm-up epochs)
+    train_step(batch) -> loss          one step's loss; the trainer does backward, autocast, clipping, step
+    before_optimizer_step()            optional: edit gradients
+    after_optimizer_step()             optional: EMA, pulls, restores, masks
+    end_experience(exp, loader)        prototypes, statistics, merges
+    predict(x, task_id=None) -> logits over all `info.n_classes` global class ids
+    adapt(x) -> logits                 test-time strategies: predict, then update
+    state_dict() / load_state_dict()   plain tensors and numbers, for resume
+
+A strategy that does not learn by SGD sets `uses_sgd = False` and overrides `fit_experience`.
+The strategy is an `nn.Module`, so its state is its modules' tensors plus `get_extra_state()`; a strategy
+that grows structure (a head or adapter per task) must rebuild it in `load_state_dict` before loading.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from cl.engine.stream import Experience, Stream, StreamInfo
+
+
+@dataclass
+class Batch:
+    """One mini-batch on the device: `x` float images in [0, 1] at the backbone's input size.
+
+    Optional fields, filled only for a strategy that declares it needs them (no cost for the others):
+    `index` (`needs_index = True`): each sample's position in the dataset `training_data` returned (int64);
+    `raw` (`needs_raw_input = True`): the same samples before augmentation (the dataset's `eval_view`), float in
+    [0, 1] at the dataset's own size, not resized (DER++ stores these and re-augments them itself)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    task_id: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    raw: torch.Tensor | None = None
+
+
+class Strategy(nn.Module):
+    """Base class with the hooks' defaults. Subclasses set `name`, `supports` and override what they need."""
+
+    name = "base"
+    supports: tuple[str, ...] = ("class_il", "task_il", "domain_il")
+    uses_sgd = True
+    forward_passes_per_test_image = 1
+    # What the trainer's training loader provides (see Batch): sample indices, un-augmented inputs, and whether
+    # an incomplete last batch is dropped (SparCL's reference skips it; a set no larger than one batch is kept).
+    needs_index = False
+    needs_raw_input = False
+    drop_last = False
+    # The batch size the trainer evaluates this strategy with; None: `trainer.eval_batch_size`. For a strategy
+    # whose scores depend on how the test set is batched (MOS's reference pulls rewrite state per test batch).
+    test_batch_size: int | None = None
+
+    def __init__(self, **hparams: Any):
+        super().__init__()
+        self.hparams = dict(hparams)
+        self.backbone: nn.Module | None = None
+        self.info: StreamInfo | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def setup(self, backbone: nn.Module, info: StreamInfo) -> None:
+        self.backbone = backbone
+        self.info = info
+        # The pre-trained model's own size, taken before any PEFT module is inserted into it: everything
+        # beyond it (adapters inside its blocks included) counts as added by the method.
+        self._base_backbone_params = sum(p.numel() for p in backbone.parameters())
+        self.register_buffer("seen_mask", torch.zeros(info.n_classes, dtype=torch.bool))
+        self.register_buffer("current_mask", torch.zeros(info.n_classes, dtype=torch.bool))
+        self.register_buffer("experiences_seen", torch.zeros((), dtype=torch.long))
+
+    def observe_classes(self, exp: Experience) -> None:
+        """Called by the trainer before `begin_experience`: which classes are known now."""
+        self.current_mask.zero_()
+        self.current_mask[list(exp.classes)] = True
+        self.seen_mask |= self.current_mask
+        self.experiences_seen += 1
+
+    def training_data(self, seen: Stream) -> Dataset:
+        """The data trained on for the latest experience (joint training returns the union)."""
+        return seen[-1].train
+
+    def begin_experience(self, exp: Experience) -> Iterable[Any]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizer(self, groups: Iterable[Any]) -> torch.optim.Optimizer | None:
+        return None
+
+    def begin_epoch(self, epoch: int, n_epochs: int) -> None:
+        pass
+
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement train_step (or set uses_sgd = False)")
+
+    def before_optimizer_step(self) -> None:
+        pass
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def fit_experience(self, exp: Experience, loader: DataLoader, device: torch.device) -> None:
+        raise NotImplementedError(f"{type(self).__name__} sets uses_sgd = False but has no fit_experience")
+
+    def end_experience(self, exp: Experience, loader: DataLoader) -> None:
+        pass
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, task_id: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predict(x)
+
+    # --- frozen features (cl/engine/feature_cache.py) ------------------------------------------------------
+    # Set by the trainer (a cl.engine.feature_cache.FeatureCache) when trainer.feature_cache is on; else None.
+    feature_cache = None
+
+    def frozen_encoder(self):
+        """(key, encode) when `predict(x) == predict_features(encode(x))` and `encode` no longer changes: the
+        trainer then encodes each test image once and evaluates from cached features. None: no cache."""
+        return None
+
+    @torch.no_grad()
+    def predict_features(self, features: torch.Tensor, task_id: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__}.frozen_encoder() needs predict_features")
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def mask_unseen(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits of classes not seen yet cannot win (the growing-head behaviour of PyCIL/PILOT)."""
+        return logits.masked_fill(~self.seen_mask, float("-inf"))
+
+    def backbone_params(self) -> int:
+        return getattr(self, "_base_backbone_params", 0)
+
+    def added_params(self) -> int:
+        """Parameters the method added on top of the backbone (heads, adapters, prototypes)."""
+        own = sum(p.numel() for p in self.parameters()) - self.backbone_params()
+        extra = sum(b.numel() for n, b in self.named_buffers() if n.startswith(self.stored_buffers))
+        return own + extra
+
+    def trained_param_count(self) -> int | None:
+        """Parameters trained in the experience just finished, when the parameter groups returned by
+        `begin_experience` do not tell (SEMA creates its expansions inside `fit_experience`); None: count the groups."""
+        return None
+
+    def run_metrics(self) -> Mapping[str, Any]:
+        """The method's own headline numbers so far (SparCL's sparsity and training FLOPs), merged into the
+        result's `metrics` after every experience; plain numbers only."""
+        return {}
+
+    # Buffers that count as added parameters (prototypes, statistics): prefixes of their names.
+    stored_buffers: tuple[str, ...] = ()
+
+    def describe(self) -> Mapping[str, Any]:
+        return {"name": self.name, "hparams": self.hparams}
