@@ -21,3 +21,26 @@ def test_no_contract_has_ignores():
     text = (ROOT / "pyproject.toml").read_text()
     section = text[text.index("[tool.importlinter]"):]
     assert "ignore_imports" not in section and "unmatched_ignore" not in section
+
+
+# import-linter sees import statements; a lazy "module:attr" registry string is an import it cannot see.
+UPWARD = {
+    "cl/engine": ("cl.models", "cl.app", "scenarios", "strategies"),
+    "cl/models": ("cl.app", "scenarios", "strategies"),
+    "strategies": ("cl.app", "scenarios", "cl.engine.trainer"),
+    "scenarios": ("cl.app", "strategies"),
+}
+
+
+def test_no_lazy_registry_string_points_to_a_higher_layer():
+    import ast
+    import re
+
+    bad = []
+    for folder, forbidden in UPWARD.items():
+        pattern = re.compile(r"^(%s)(\.\w+)*(:\w+)?$" % "|".join(re.escape(f) for f in forbidden))
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and pattern.match(node.value):
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert not bad, "\n".join(bad)
