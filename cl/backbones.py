@@ -31,7 +31,8 @@ NORMALIZATIONS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2615)),
     "tiny-imagenet": ((0.4802, 0.4480, 0.3975), (0.2770, 0.2691, 0.2821)),
 }
-# Backbone sources: "module:function(cfg) -> Backbone", imported lazily (each source is an optional extra).
+# Backbone sources: "module:function(cfg) -> Backbone", imported lazily (each source is an optional extra); other
+# installed packages add theirs as `clbench.backbones` entry points (cl/plugins.py).
 SOURCES: dict[str, str] = {
     "timm": "cl.backbones:build_timm",
     "hf": "cl.backbones_hf:build_hf",  # local Hugging Face text encoders (the text extra)
@@ -221,12 +222,16 @@ def _timm_model(cfg: Mapping[str, Any]) -> tuple[nn.Module, str, bool]:
 
 def build(cfg: Mapping[str, Any]) -> Backbone:
     """Builds the backbone a `configs/backbone/*.yaml` describes."""
+    from . import plugins
     from .lazy import load
 
     source = cfg.get("source", "timm")
-    if source not in SOURCES:
-        raise ConfigError(f"unknown backbone source '{source}': expected one of {tuple(SOURCES)}")
-    return load(SOURCES[source])(cfg)
+    if source in SOURCES:
+        return load(SOURCES[source])(cfg)
+    if source in plugins.entry_points("backbones"):  # another installed package's source
+        return plugins.load("backbones", source)(cfg)
+    raise ConfigError(f"unknown backbone source '{source}': expected one of "
+                      f"{tuple(SOURCES) + tuple(plugins.entry_points('backbones'))}")
 
 
 def build_timm(cfg: Mapping[str, Any]) -> Backbone:

@@ -1,0 +1,4 @@
+"""`python -m cl ...` = `clbench ...` = `python run.py ...`."""
+from cl.run import main
+
+main()
