@@ -141,9 +141,8 @@ def run_strategy(name: str, s: dict, device: torch.device, results: Path) -> dic
     eval_images = sum(c["eval_images_per_s"] * c["eval_s"] for c in per if c["eval_images_per_s"])
     eval_ips = eval_images / max(sum(c["eval_s"] for c in per), 1e-9)
     import strategies
-    from cl.engine.lazy import load
 
-    sgd = getattr(load(strategies.REGISTRY[name]), "uses_sgd", True)
+    sgd = getattr(strategies.get_class(name), "uses_sgd", True)
     return {"sgd": sgd, "train_ips": train_ips, "eval_ips": eval_ips, "s_per_exp": sum(c["wall_s"] for c in per) / len(per),
             "wall": wall, "mem": max(c["peak_memory_mb"] for c in per), "mem_kind": per[-1]["peak_memory_kind"],
             "last_acc": result["metrics"].get("last_acc")}

@@ -21,18 +21,18 @@ def support_table() -> str:
     import strategies
 
     rows = ["| strategy | " + " | ".join(f"`{k}`" for k in KINDS) + " |", "|---|" + "---|" * len(KINDS)]
-    for name in strategies.names():
+    for name in sorted(strategies.builtin()):  # this repository's own, not an installed plugin's
         supports = strategies.get_class(name).supports
         rows.append(f"| `{name}` | " + " | ".join("✓" if k in supports else "" for k in KINDS) + " |")
     return "\n".join(rows)
 
 
 def config_lists() -> str:
-    from cl.app.cli import group_options
+    from cl.app.cli import CONFIG_DIR, group_options
 
     out = []
     for group in ("strategy", "scenario", "backbone"):
-        names = group_options(group)
+        names = group_options(group, CONFIG_DIR)  # the built-in configs only, whatever plugins are installed
         out.append(f"- `{group}/` ({len(names)}): " + ", ".join(f"`{n}`" for n in names))
     return "\n".join(out)
 

@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+from cl.app import plugins
+
+# The built-in configs: the checkout's `configs/`, or `cl/configs` in an installed wheel (cl/app/plugins.py).
+CONFIG_DIR = plugins.builtin_config_dir()
 
 
 def _register_resolvers() -> None:
@@ -31,13 +34,24 @@ _register_resolvers()
 CHECKED_GROUPS = ("strategy", "scenario", "backbone", "trainer", "debug", "experiment", "logger")
 
 
-def group_options(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
-    base = config_dir / group
-    return sorted(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml"))
+def group_options(group: str, config_dir: Path | None = None, argv: Sequence[str] = ()) -> list[str]:
+    """The names `group=` accepts: from `config_dir` alone when given, else from every folder on the search path
+    (built-in, $CLBENCH_CONFIG_PATH, installed plugins, the command line's hydra.searchpath)."""
+    dirs = [config_dir] if config_dir is not None else plugins.config_dirs(argv)
+    return plugins.group_options(group, dirs)
 
 
-def check_group_overrides(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> str | None:
+def check_group_overrides(argv: Sequence[str], config_dir: Path | None = None) -> str | None:
     """The first unknown `group=name` on the command line, as a one-line message naming the closest choice."""
+    from cl.engine.errors import ConfigError
+
+    try:
+        return _check_group_overrides(argv, config_dir)
+    except ConfigError as exc:  # a plugin's or $CLBENCH_CONFIG_PATH's folder is missing
+        return str(exc)
+
+
+def _check_group_overrides(argv: Sequence[str], config_dir: Path | None) -> str | None:
     for arg in argv:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+~")
@@ -45,7 +59,7 @@ def check_group_overrides(argv: Sequence[str], config_dir: Path = CONFIG_DIR) ->
             continue
         if any(ch in value for ch in "()[]{}*$"):  # sweeps like glob(*) or range(): Hydra checks those itself
             continue
-        options = group_options(key, config_dir)
+        options = group_options(key, config_dir, argv)
         for name in value.split(","):
             if name not in options:
                 close = difflib.get_close_matches(name, options, n=1)
@@ -87,6 +101,7 @@ def _compose(overrides: Sequence[str], resolve: bool) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    plugins.register_config_search_path()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(overrides))
     return OmegaConf.to_container(cfg, resolve=resolve)
@@ -211,7 +226,7 @@ def explain_config_error(exc: BaseException, overrides: Sequence[str] = ()) -> s
         m = re.search(r"Could not (?:find|load) '([^'/]+)/([^']*)'", text)
         if m:
             group, name = m.group(1), m.group(2)
-            options = group_options(group) if (CONFIG_DIR / group).is_dir() else []
+            options = group_options(group, argv=overrides)
             close = difflib.get_close_matches(name, options, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             if not name:

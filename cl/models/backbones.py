@@ -32,8 +32,9 @@ NORMALIZATIONS = {
     "tiny-imagenet": ((0.4802, 0.4480, 0.3975), (0.2770, 0.2691, 0.2821)),
 }
 # Backbone sources of this layer: "module:function(cfg) -> Backbone", imported lazily (each source is an optional
-# extra). Sources that need scenario data (the project's test beds) or come from plugins are added by the
-# application layer (`cl.app.registry`) through `register_source`; this module never names them.
+# extra). Sources that need scenario data (the project's test beds) are added by the application layer
+# (`cl.app.registry`) through `register_source`; other installed packages add theirs as `clbench.backbones` entry
+# points (cl/engine/entry_points.py). This module never names either.
 SOURCES: dict[str, str] = {
     "timm": "cl.models.backbones:build_timm",
     "hf": "cl.models.backbones_hf:build_hf",  # local Hugging Face text encoders (the text extra)
@@ -224,14 +225,18 @@ def _timm_model(cfg: Mapping[str, Any]) -> tuple[nn.Module, str, bool]:
 
 def build(cfg: Mapping[str, Any]) -> Backbone:
     """Builds the backbone a `configs/backbone/*.yaml` describes."""
+    from cl.engine import entry_points
     from cl.engine.lazy import load
 
     source = cfg.get("source", "timm")
-    if source not in SOURCES:
-        raise ConfigError(f"unknown backbone source '{source}': expected one of {tuple(SOURCES)} (test-bed and "
-                          f"plugin sources are registered by cl.app.registry: build through it)")
-    target = SOURCES[source]
-    return (load(target) if isinstance(target, str) else target)(cfg)
+    if source in SOURCES:
+        target = SOURCES[source]
+        return (load(target) if isinstance(target, str) else target)(cfg)
+    if source in entry_points.entry_points("backbones"):  # another installed package's source
+        return entry_points.load("backbones", source)(cfg)
+    raise ConfigError(f"unknown backbone source '{source}': expected one of "
+                      f"{tuple(SOURCES) + tuple(entry_points.entry_points('backbones'))} (the test beds' sources are "
+                      f"registered by cl.app.registry: build through it)")
 
 
 def build_timm(cfg: Mapping[str, Any]) -> Backbone:

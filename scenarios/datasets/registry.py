@@ -1,4 +1,5 @@
-"""Dataset name -> loader function. A new benchmark (ImageNet-R, CIFAR-100, ...) is one registered loader.
+"""Dataset name -> loader function. A new benchmark (ImageNet-R, CIFAR-100, ...) is one registered loader; another
+installed package adds one through a `clbench.datasets` entry point (cl/app/plugins.py).
 
 A loader takes the scenario config (a plain dict) and the resolved data root and returns a `LoadedData`;
 it must fail with `DatasetError` (expected layout, where to get the data) when files are missing.
@@ -43,7 +44,12 @@ def register_dataset(name: str) -> Callable[[Loader], Loader]:
 
 
 def get_loader(name: str) -> Loader:
-    check_choice("dataset", name, DATASETS)
+    """The registered loader, else one of another installed package's `clbench.datasets` entry points (imported now)."""
+    from cl.engine import entry_points as plugins
+
+    if name not in DATASETS and name in plugins.entry_points("datasets"):
+        register_dataset(name)(plugins.load("datasets", name))
+    check_choice("dataset", name, {*DATASETS, *plugins.entry_points("datasets")})
     return DATASETS[name]
 
 

@@ -1,0 +1,4 @@
+"""`python -m cl ...` = `clbench ...` = `python run.py ...`."""
+from cl.app.run import main
+
+main()
