@@ -1,6 +1,7 @@
 """clbench: one command runs a continual-learning stream end to end.
 
-    python run.py                                   # the embedded default (digits, no downloads)
+    python run.py                                   # the embedded default: finetune, simplecil and joint on digits
+                                                    # (configs/config.yaml's `compare`), then their leaderboard
     python run.py strategy=simplecil scenario=synthetic seed=1
     python run.py -m strategy=finetune,joint,simplecil debug=fast
 
@@ -64,7 +65,26 @@ def _main(cfg: DictConfig) -> None:
     print(f"result: {path}", flush=True)
 
 
+def _compare() -> None:
+    """No arguments at all: the comparison of configs/config.yaml's `compare` list (cl/compare.py), with run.py's
+    exit codes. Returns only when the list is empty (then the single default run follows)."""
+    from cl.compare import main as compare
+    from cl.errors import EXIT_INTERRUPTED, ClbenchError, NonFiniteLossError, RunInterrupted
+
+    try:
+        done = compare()
+    except RunInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED)
+    except (ClbenchError, NonFiniteLossError) as exc:
+        fail(str(exc))
+    if done:
+        raise SystemExit(0)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 1:
+        _compare()
     sys.argv[1:] = normalize_overrides(sys.argv[1:])
     problem = check_group_overrides(sys.argv[1:])
     if problem:
