@@ -26,3 +26,28 @@ def test_the_error_example_is_what_run_py_prints():
 def test_the_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci.strip() in README, f"the README's test command differs from .ci/run's: {ci}"
+
+
+def test_the_comparison_table_is_the_leaderboard_s_format():
+    """The table ending the README's output of `python run.py` is what cl/app/compare.py prints for its numbers (the
+    numbers themselves come from a real run; tests/test_default_comparison.py runs one and checks the header)."""
+    from cl.app.compare import comparison_table
+    from cl.app.leaderboard import SYMBOLS
+
+    start = README.index("What `python run.py` prints")
+    block = re.search(r"```text\n(.*?)```", README[start:], re.S).group(1)
+    lines = [line for line in block.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    inverse = {v: k for k, v in {**SYMBOLS, "last_acc": "A_last"}.items()}
+    results = []
+    for line in lines[2:]:
+        row = dict(zip((inverse.get(h, h) for h in header), (c.strip() for c in line.strip("|").split("|"))))
+        num = lambda key: float(row[key]) if row.get(key) else None  # noqa: E731
+        results.append({"strategy": row["strategy"], "scenario": row["scenario"], "backbone": row["backbone"],
+                        "seed": 1993, "status": "finished",
+                        "metrics": {k: num(k) for k in ("avg_incremental_acc", "last_acc", "forgetting", "bwt")},
+                        "costs": {"total_wall_s": num("total_wall_s"), "per_experience": [
+                            {"train_images_per_s": num("train_images_per_s"), "peak_memory_mb": num("peak_memory_mb"),
+                             "trainable_params": int(row["trainable_params"])}]}})
+    order = [r["strategy"] for r in results]
+    assert comparison_table(results, order).splitlines() == lines

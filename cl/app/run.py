@@ -67,8 +67,29 @@ def _task(cfg: DictConfig) -> None:
     print(f"result: {path}", flush=True)
 
 
+def _compare() -> None:
+    """No arguments at all: the comparison of configs/config.yaml's `compare` list (cl/app/compare.py), with the
+    same exit codes. Returns only when the list is empty (then the single default run follows)."""
+    from cl.app.compare import main as compare
+    from cl.engine.errors import EXIT_INTERRUPTED, ClbenchError, NonFiniteLossError, RunInterrupted
+
+    try:
+        done = compare()
+    except RunInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED)
+    except (ClbenchError, NonFiniteLossError) as exc:
+        fail(str(exc))
+    if done:
+        raise SystemExit(0)
+
+
 def main() -> None:
-    """The command line: `sys.argv[1:]` are Hydra overrides and flags, exactly as `python run.py` takes them."""
+    """The command line: `sys.argv[1:]` are Hydra overrides and flags, exactly as `python run.py` takes them; with
+    none at all, the embedded comparison."""
+    if len(sys.argv) == 1:
+        plugins.register_config_search_path()
+        _compare()
     sys.argv[1:] = normalize_overrides(sys.argv[1:])
     problem = check_group_overrides(sys.argv[1:])
     if problem:

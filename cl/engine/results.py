@@ -37,7 +37,9 @@ NON_SEMANTIC_KEYS = ("results_root", "data_root", "hydra", "trainer.progress", "
                      # MOS's T test-time passes in one batch or T: the same predictions and stored sets (tested)
                      "strategy.batched_eval",
                      # a disk budget for the image cache: whether it is used, never what is computed
-                     "scenario.image_cache_max_gb")
+                     "scenario.image_cache_max_gb",
+                     # what `python run.py` alone compares (cl/app/compare.py), not what one run computes
+                     "compare")
 
 
 def _drop(cfg: dict, dotted: str) -> None:
