@@ -3,7 +3,8 @@ calls the strategy's hooks (cl/strategy.py) so that no method needs a trainer ch
 
 Per experience i:
     strategy.observe_classes(exp); groups = strategy.begin_experience(exp)
-    SGD epochs over strategy.training_data(stream[:i+1])  (or strategy.fit_experience)
+    SGD epochs over strategy.training_data(stream[:i+1])  (or strategy.fit_experience, whose optimisation phases
+        run through strategy.optimise, the routine of cl/phases.py the trainer sets before each experience)
     strategy.end_experience(exp, loader)
     evaluate every seen experience in one pass over the union of their test sets, then split per experience
     checkpoint, then the `experience_end` event (a kill between the two is repaired on resume: cl/experiment.py)
