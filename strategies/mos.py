@@ -272,29 +272,34 @@ class MOS(Strategy):
         else:
             scale = self.cls_cov[seen].sqrt()
         epochs = self.h["crct_epochs"]
-        opt = torch.optim.SGD(self.head.parameters(), lr=self.h["ca_lr"], momentum=0.9,
-                              weight_decay=self.h["ca_weight_decay"])
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+
+        def epoch_batches(epoch: int):
+            """This epoch's pseudo-features: per_class draws per seen class, shuffled, in class-sized chunks."""
+            eps = torch.randn(len(seen), per_class, means.shape[1], device=device)
+            if scale.dim() == 3:
+                samples = means[:, None] + eps @ scale.transpose(1, 2)
+            else:
+                samples = means[:, None] + eps * scale[:, None]
+            x = samples.reshape(-1, means.shape[1])
+            y = seen.repeat_interleave(per_class)
+            order = torch.randperm(len(x), device=device)
+            x, y = x[order], y[order]
+            return [(x[i * per_class:(i + 1) * per_class], y[i * per_class:(i + 1) * per_class])
+                    for i in range(len(seen))]
+
+        def step(batch):
+            xb, yb = batch
+            return F.cross_entropy(self.head(xb).masked_fill(~self.seen_mask, float("-inf")), yb)
+
         self.head.train()
         with torch.enable_grad():
-            for _ in range(epochs):
-                eps = torch.randn(len(seen), per_class, means.shape[1], device=device)
-                if scale.dim() == 3:
-                    samples = means[:, None] + eps @ scale.transpose(1, 2)
-                else:
-                    samples = means[:, None] + eps * scale[:, None]
-                x = samples.reshape(-1, means.shape[1])
-                y = seen.repeat_interleave(per_class)
-                order = torch.randperm(len(x), device=device)
-                x, y = x[order], y[order]
-                for i in range(len(seen)):
-                    xb, yb = x[i * per_class:(i + 1) * per_class], y[i * per_class:(i + 1) * per_class]
-                    logits = self.head(xb).masked_fill(~self.seen_mask, float("-inf"))
-                    loss = F.cross_entropy(logits, yb)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                sched.step()
+            # The reference's optimiser and schedule (SGD, momentum 0.9, cosine to 0), in fp32, every chunk: none
+            # of the trainer's settings applies but its machinery (progress bar, stop checks, loss checks).
+            self.optimiser(device).phase(
+                step, epoch_batches, params=list(self.head.parameters()), desc="mos: classifier alignment",
+                autocast=False, epochs=epochs, optimizer="sgd", lr=self.h["ca_lr"], momentum=0.9,
+                weight_decay=self.h["ca_weight_decay"], scheduler="cosine", min_lr=0.0, clip_grad_norm=None,
+                limit_train_batches=None)
         self.head.eval()
 
     # --- inference -------------------------------------------------------------------------------

@@ -23,11 +23,14 @@ Reference code: huiyiwang01/SEMA-CL (`models/sema.py`, `backbone/sema_block.py`,
     inference: one forward through the mixture, argmax over the seen classes. Old classes' logits are -inf while
         a later task trains.
 
-Both training phases are SGD (momentum 0.9, weight decay 5e-4, cosine to `min_lr`), functional at `func_lr`
-0.005, RD at `rd_lr` 0.01, over the trainer's loader (batch 32): the two phases do not fit one trainer loop, so
-SEMA sets `uses_sgd = False` and runs them in `fit_experience`. `configs/strategy/sema.yaml` reads `func_epoch`,
-`func_lr`, momentum, weight decay, `min_lr`, `limit_train_batches` and precision from the trainer config, so
-`debug=fast` and `trainer.epochs=...` apply to the functional phase (the RD phase keeps `rd_epoch`, `rd_lr`).
+Both training phases are SGD (momentum 0.9, weight decay 5e-4, cosine), functional at `func_lr` 0.005, RD at
+`rd_lr` 0.01, over the trainer's loader (batch 32). The two phases do not fit the trainer's one SGD loop, so SEMA
+sets `uses_sgd = False` and runs each through the trainer's optimisation routine (`self.optimiser`,
+cl/engine/phases.py), which also owns autocast, the loss checks, the progress bar and the stop checks. Per phase SEMA
+sets the lr, the epochs (`func_epoch`, `rd_epoch`), the weight decay and optionally `limit_train_batches`
+(null: the trainer's); momentum, `min_lr` and precision are the trainer's. `configs/strategy/sema.yaml` defaults
+`func_epoch`, `func_lr` and `weight_decay` to the trainer's, so `trainer.epochs=...` applies to the functional
+phase (the RD phase keeps `rd_epoch`, `rd_lr`).
 `adapt_start_layer`/`adapt_end_layer` may count from the end (-3..-1 = the reference's 9..11 of 12 blocks).
 
 Deliberate differences from the reference:
@@ -49,8 +52,6 @@ Deliberate differences from the reference:
 from __future__ import annotations
 
 import math
-import sys
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,6 @@ from torch import nn
 from cl.models import peft
 from cl.engine.data import make_loader, to_model_input
 from cl.engine.errors import ConfigError
-from cl.engine.progress import progress_bar
 from cl.engine.strategy import Strategy
 
 
@@ -186,24 +186,18 @@ class SEMA(Strategy):
     def __init__(self, ffn_num: int = 16, rd_dim: int = 128, buffer_size: int = 500, detect_batch_size: int = 128,
                  exp_threshold: float = 2.0, adapt_start_layer: int = 9, adapt_end_layer: int = 11,
                  func_epoch: int = 5, rd_epoch: int = 20, func_lr: float = 0.005, rd_lr: float = 0.01,
-                 momentum: float = 0.9, weight_decay: float = 5e-4, min_lr: float = 0.0,
-                 limit_train_batches: int | None = None, precision: str = "auto", progress: bool | None = None,
-                 log_every: int = 10, **hparams):
+                 weight_decay: float = 5e-4, limit_train_batches: int | None = None, **hparams):
         super().__init__(ffn_num=ffn_num, rd_dim=rd_dim, buffer_size=buffer_size,
                          detect_batch_size=detect_batch_size, exp_threshold=exp_threshold,
                          adapt_start_layer=adapt_start_layer, adapt_end_layer=adapt_end_layer, func_epoch=func_epoch,
-                         rd_epoch=rd_epoch, func_lr=func_lr, rd_lr=rd_lr, momentum=momentum,
-                         weight_decay=weight_decay, min_lr=min_lr, limit_train_batches=limit_train_batches,
-                         precision=precision, progress=progress, log_every=log_every, **hparams)
+                         rd_epoch=rd_epoch, func_lr=func_lr, rd_lr=rd_lr, weight_decay=weight_decay,
+                         limit_train_batches=limit_train_batches, **hparams)
         for key in ("func_epoch", "rd_epoch"):
             if int(self.hparams[key]) < 0:
                 raise ConfigError(f"sema.{key} must be >= 0, got {self.hparams[key]}")
-        if precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"sema.precision must be auto, bf16 or fp32, got {precision!r}")
+        if limit_train_batches is not None and int(limit_train_batches) < 1:
+            raise ConfigError(f"sema.limit_train_batches must be at least 1 or null, got {limit_train_batches}")
         self.h = self.hparams
-        # Bars on an interactive stderr unless set: trainer.progress is not readable here without entering the
-        # run's identity (strategy keys are hashed, trainer.progress is not).
-        self.show_progress = sys.stderr.isatty() if progress is None else bool(progress)
         self._growth: dict = {"adapters_per_block": [], "expandable_blocks": [], "expansions": [],
                               "trained_params_per_experience": []}
 
@@ -294,12 +288,6 @@ class SEMA(Strategy):
         return [{"params": params}]
 
     # --- training --------------------------------------------------------------------------------
-    def _autocast(self, device: torch.device):
-        p = self.h["precision"]
-        if p == "bf16" or (p == "auto" and device.type == "cuda"):
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
     def fit_experience(self, exp, loader, device) -> None:
         t = int(self.experiences_seen) - 1
         self._trained: dict[int, int] = {}  # id -> numel of every parameter trained in this experience
@@ -316,54 +304,42 @@ class SEMA(Strategy):
         self._sync_growth()
         self.eval()
 
-    def _steps(self, loader) -> int:
+    def _phase_settings(self) -> dict:
+        """Both phases: SGD with the phase's weight decay, cosine over the phase's epochs (models/sema.py:205-225);
+        momentum, min_lr and precision are the trainer's; `limit_train_batches` if set, else the trainer's."""
         limit = self.h["limit_train_batches"]
-        return len(loader) if limit is None else min(len(loader), int(limit))
+        return {"optimizer": "sgd", "scheduler": "cosine", "weight_decay": self.h["weight_decay"],
+                **({"limit_train_batches": int(limit)} if limit is not None else {})}
 
     def _optimizer(self, params: list[nn.Parameter], lr: float, epochs: int):
-        opt = torch.optim.SGD(params, lr=lr, momentum=self.h["momentum"], weight_decay=self.h["weight_decay"])
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs), eta_min=self.h["min_lr"])
-        return opt, sched
+        """(SGD, cosine schedule) of one phase, built by the trainer's routine."""
+        return self.optimiser(self.head.weight.device).make_optimizer(params, lr=lr, epochs=epochs,
+                                                                      **self._phase_settings())
 
-    def _begin_phase(self, params: list[nn.Parameter], lr: float, epochs: int, loader, desc: str):
-        """Shared set-up of a training phase: unfreeze and record `params`, optimiser, step count, progress bar."""
+    def _run_phase(self, step, loader, device, params: list[nn.Parameter], lr: float, epochs: int,
+                   desc: str) -> None:
+        """Unfreezes and records `params`, then `epochs` epochs of `step` over `loader` by the trainer's routine."""
         for p in params:
             p.requires_grad_(True)
             self._trained[id(p)] = p.numel()
         opt, sched = self._optimizer(params, lr, epochs)
-        steps = self._steps(loader)
-        return opt, sched, steps, progress_bar(total=epochs * steps, desc=desc, enabled=self.show_progress)
+        self.train()
+        self.optimiser(device).phase(step, loader, opt=opt, sched=sched, epochs=epochs, desc=desc,
+                                     **self._phase_settings())
 
     def _train_functional(self, loader, device, params: list[nn.Parameter], desc: str) -> None:
         """CE over the current task's classes (older logits -inf) for `func_epoch` epochs on `params`."""
         epochs = int(self.h["func_epoch"])
         if epochs == 0 or not params:
             return
-        opt, sched, steps, bar = self._begin_phase(params, self.h["func_lr"], epochs, loader, desc)
         size, chans = self.backbone.input_size, self.backbone.in_chans
-        try:
-            for epoch in range(epochs):
-                self.train()
-                running = torch.zeros((), device=device)
-                for b, (x, y) in enumerate(loader):
-                    if b >= steps:
-                        break
-                    x, y = to_model_input(x, size, chans, device), y.to(device)
-                    with self._autocast(device):
-                        logits = self.head(self.backbone(x))
-                    logits = logits.float().masked_fill(~self.current_mask, float("-inf"))
-                    loss = F.cross_entropy(logits, y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    running += loss.detach()
-                    bar.update(1)
-                    if (b + 1) % self.h["log_every"] == 0 or b == steps - 1:
-                        self._check_finite(running / (b + 1), epoch, desc)
-                        bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{(running / (b + 1)).item():.4f}")
-                sched.step()
-        finally:
-            bar.close()
+
+        def step(batch):
+            x, y = to_model_input(batch[0], size, chans, device), batch[1].to(device)
+            logits = self.head(self.backbone(x)).float().masked_fill(~self.current_mask, float("-inf"))
+            return F.cross_entropy(logits, y)
+
+        self._run_phase(step, loader, device, params, self.h["func_lr"], epochs, desc)
 
     def _train_rd(self, loader, device, slots: list[SemaSlot], params: list[nn.Parameter], desc: str) -> None:
         """The newest RD of each slot in `slots` on reconstruction (sum over slots of the mean per-sample MSE)
@@ -372,45 +348,24 @@ class SEMA(Strategy):
         epochs = int(self.h["rd_epoch"])
         if epochs == 0 or not params:
             return
-        opt, sched, steps, bar = self._begin_phase(params, self.h["rd_lr"], epochs, loader, desc)
         size, chans = self.backbone.input_size, self.backbone.in_chans
         last = max(slots, key=lambda s: self.slots.index(s))
+
+        def step(batch):
+            try:
+                with torch.no_grad():
+                    self.backbone(to_model_input(batch[0], size, chans, device))
+            except _StopForward:
+                pass
+            return sum(s.rd_loss for s in slots)
+
         for s in slots:
             s.training_rd, s.stop = True, s is last
         try:
-            for epoch in range(epochs):
-                self.train()
-                running = torch.zeros((), device=device)
-                for b, (x, _) in enumerate(loader):
-                    if b >= steps:
-                        break
-                    x = to_model_input(x, size, chans, device)
-                    try:
-                        with torch.no_grad(), self._autocast(device):
-                            self.backbone(x)
-                    except _StopForward:
-                        pass
-                    loss = sum(s.rd_loss for s in slots)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    running += loss.detach()
-                    bar.update(1)
-                    if (b + 1) % self.h["log_every"] == 0 or b == steps - 1:
-                        self._check_finite(running / (b + 1), epoch, desc)
-                        bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{(running / (b + 1)).item():.4f}")
-                sched.step()
+            self._run_phase(step, loader, device, params, self.h["rd_lr"], epochs, desc)
         finally:
             for s in slots:
                 s.training_rd, s.stop, s.rd_loss = False, False, None
-            bar.close()
-
-    def _check_finite(self, mean: torch.Tensor, epoch: int, desc: str) -> None:
-        value = float(mean)
-        if not math.isfinite(value):
-            from cl.engine.errors import NonFiniteLossError  # the run is then marked failed, as for SGD strategies
-
-            raise NonFiniteLossError(int(self.experiences_seen) - 1, epoch, 0, value)
 
     # --- the expansion check ---------------------------------------------------------------------
     @torch.no_grad()
@@ -422,7 +377,7 @@ class SEMA(Strategy):
         for s in self.slots:
             s.detecting = True
         try:
-            with self._autocast(x.device):
+            with self.optimiser(x.device).autocast():
                 self.backbone(x)
         finally:
             for s in self.slots:

@@ -3,7 +3,8 @@ mechanism that makes every other long pass visible and interruptible.
 
 `watch(iterable, desc)` is used by every data pass that is not an SGD step loop: evaluation, feature extraction,
 prototype and class-statistics passes, a strategy's own loops (through `cl.engine.data.make_loader`, which returns a
-loader that watches itself). It shows a bar once the pass has run for `BAR_DELAY_S` seconds (short passes stay
+loader that watches itself); a strategy's optimisation phases (cl/engine/phases.py) call `check_stop` before each step
+and show a `phase_bar`. It shows a bar once the pass has run for `BAR_DELAY_S` seconds (short passes stay
 silent) and polls the run's stop check between items, so a SIGTERM is honoured within one batch in every phase,
 not only between optimiser steps: it raises `RunInterrupted(phase=desc)`, and the experience restarts from its
 last checkpoint when the same command runs again.
@@ -55,6 +56,24 @@ def watch(iterable: Iterable[T], desc: str, total: int | None = None, unit: str 
     finally:
         if bar is not None:
             bar.close()
+
+
+def check_stop(desc: str) -> None:
+    """Raises `RunInterrupted(phase=desc)` if the run's stop check names a pending signal (as `watch` does
+    between items); for loops that are not a pass over an iterable `watch` could wrap (cl/engine/phases.py)."""
+    stop = _watch["stop"]
+    if stop is not None:
+        name = stop()
+        if name:
+            raise RunInterrupted(name, experience=_watch["experience"], phase=desc)
+
+
+def phase_bar(total: int | None, desc: str, enabled: bool = True):
+    """A strategy's optimisation phase (cl/engine/phases.py): shown after `BAR_DELAY_S`, removed when done, as `watch`'s."""
+    if not (enabled and _watch["enabled"]):
+        return _NullBar()
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False,
+                delay=BAR_DELAY_S)
 
 
 class _NullBar:

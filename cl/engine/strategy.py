@@ -12,7 +12,10 @@
     adapt(x) -> logits                 test-time strategies: predict, then update
     state_dict() / load_state_dict()   plain tensors and numbers, for resume
 
-A strategy that does not learn by SGD sets `uses_sgd = False` and overrides `fit_experience`.
+A strategy that does not learn by SGD sets `uses_sgd = False` and overrides `fit_experience`. A strategy with
+several optimisation phases (SEMA's functional and descriptor phases, MOS's classifier alignment) runs each through
+`self.optimiser(device).phase(step, data, ...)`, the trainer's routine (cl/engine/phases.py: optimiser and schedule from
+the trainer config, autocast, loss checks, progress bar, stop checks), never a loop of its own.
 The strategy is an `nn.Module`, so its state is its modules' tensors plus `get_extra_state()`; a strategy
 that grows structure (a head or adapter per task) must rebuild it in `load_state_dict` before loading.
 """
@@ -131,6 +134,21 @@ class Strategy(nn.Module):
     @torch.no_grad()
     def predict_features(self, features: torch.Tensor, task_id: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__}.frozen_encoder() needs predict_features")
+
+    # --- optimisation phases (cl/engine/phases.py) ------------------------------------------------------------
+    # Set by the trainer (a cl.engine.phases.Optimiser over its config) before each experience's training; else None.
+    optimise = None
+
+    def optimiser(self, device: torch.device | str | None = None):
+        """The trainer's optimisation routine; outside a run (a test driving the hooks itself) one with the
+        default trainer settings on `device`."""
+        if self.optimise is not None:
+            return self.optimise
+        from cl.engine.phases import Optimiser
+        from cl.engine.trainer_config import TrainerConfig
+
+        return Optimiser(TrainerConfig(), device if device is not None else "cpu",
+                         experience=max(int(getattr(self, "experiences_seen", 1)) - 1, 0))
 
     # --- helpers ---------------------------------------------------------------------------------
     def mask_unseen(self, logits: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@ calls the strategy's hooks (cl/engine/strategy.py) so that no method needs a tra
 
 Per experience i:
     strategy.observe_classes(exp); groups = strategy.begin_experience(exp)
-    SGD epochs over strategy.training_data(stream[:i+1])  (or strategy.fit_experience)
+    SGD epochs over strategy.training_data(stream[:i+1])  (or strategy.fit_experience, whose optimisation phases
+        run through strategy.optimise, the routine of cl/engine/phases.py the trainer sets before each experience)
     strategy.end_experience(exp, loader)
     evaluate every seen experience in one pass over the union of their test sets, then split per experience
     checkpoint, then the `experience_end` event (a kill between the two is repaired on resume: cl/app/experiment.py)
@@ -33,6 +34,7 @@ from cl.engine.cache import model_input  # to_model_input, plus the image cache'
 from cl.engine.data import WithExtras, make_loader, to_model_input, unit_float
 from cl.engine.errors import ConfigError, NonFiniteLossError, RunInterrupted  # noqa: F401  (re-exported)
 from cl.engine.feature_cache import FeatureCache
+from cl.engine.phases import Optimiser, build_optimizer, make_scheduler  # noqa: F401  (make_scheduler re-exported)
 from cl.engine.progress import progress_bar, set_experience, stop_checks
 from cl.engine.strategy import Batch, Strategy
 from cl.engine.stream import Stream
@@ -216,6 +218,8 @@ class Trainer:
                resume: Mapping[str, Any] | None = None, t0: float = 0.0) -> tuple[float, int]:
         """The training phase of experience i: SGD epochs, or the strategy's own fit; then end_experience."""
         exp = stream[i]
+        # The optimisation routine a strategy runs its own phases through (cl/engine/phases.py; SEMA, MOS's alignment).
+        strategy.optimise = Optimiser(self.cfg, self.device, experience=i)
         train_data = strategy.training_data(stream[: i + 1])
         if strategy.needs_index or strategy.needs_raw_input:  # Batch.index / Batch.raw, only when asked for
             train_data = WithExtras(train_data, index=strategy.needs_index, raw=strategy.needs_raw_input)
@@ -249,10 +253,7 @@ class Trainer:
         # A group may ask for a multiple of the configured lr (MOS trains its head at 0.1x the adapter lr).
         groups = [{**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": c.lr * g["lr_scale"]}
                   if isinstance(g, dict) and "lr_scale" in g else g for g in groups]
-        if c.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        cls = torch.optim.Adam if c.optimizer == "adam" else torch.optim.AdamW
-        return cls(groups, lr=c.lr, weight_decay=c.weight_decay)
+        return build_optimizer(groups, c)
 
     def _train_sgd(self, strategy: Strategy, groups: list, loader, index: int, n_exp: int, task_id: int,
                    resume: Mapping[str, Any] | None = None, t0: float = 0.0) -> tuple[float, int]:
@@ -459,17 +460,6 @@ class Trainer:
     def _eval_batch_size(self, strategy: Strategy) -> int:
         """`trainer.eval_batch_size`, unless the strategy declares its own (cl/engine/strategy.py)."""
         return int(getattr(strategy, "test_batch_size", None) or self.cfg.eval_batch_size)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, c: TrainerConfig):
-    """The per-epoch lr schedule (stepped after every epoch): cosine to `min_lr` over `epochs`; multistep, lr
-    times `gamma` after each epoch in `milestones` (torch MultiStepLR, as FSA's cil_trainer.py:36-39); constant:
-    none."""
-    if c.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=c.epochs, eta_min=c.min_lr)
-    if c.scheduler == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(c.milestones), gamma=c.gamma)
-    return None
 
 
 def _skip_batches(batches, n: int) -> None:
