@@ -9,7 +9,8 @@
     after_optimizer_step()             optional: EMA, pulls, restores, masks
     end_experience(exp, loader)        prototypes, statistics, merges
     predict(x, task_id=None) -> logits over all `info.n_classes` global class ids
-    adapt(x) -> logits                 test-time strategies: predict, then update
+    adapt(x) -> logits                 test-time strategies only: the online-adaptation contract of their own
+                                       (`cl.online.OnlineAdaptation`: adapt, adapt_costs), run by its own loop
     state_dict() / load_state_dict()   plain tensors and numbers, for resume
 
 A strategy that does not learn by SGD sets `uses_sgd = False` and overrides `fit_experience`.
@@ -116,12 +117,9 @@ class Strategy(nn.Module):
     def predict(self, x: torch.Tensor, task_id: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        return self.predict(x)
-
     # --- frozen features (cl/feature_cache.py) ------------------------------------------------------
     # Set by the trainer (a cl.feature_cache.FeatureCache) when trainer.feature_cache is on; else None.
-    feature_cache = None
+    feature_cache: Any = None
 
     def frozen_encoder(self):
         """(key, encode) when `predict(x) == predict_features(encode(x))` and `encode` no longer changes: the

@@ -28,7 +28,8 @@ from cl.data import to_model_input
 from cl.heads import CosFaceHead
 from cl.peft import LoRALinear
 from cl.strategy import Batch
-from scenarios.forgetting import build_forgetting, forget_requests, from_history
+from cl.kind_metrics import forgetting as from_history
+from scenarios.forgetting import build_forgetting, forget_requests
 from scenarios.synthetic_forget import make_vit
 from strategies.gs_lora import GSLoRA, GSLoRAPP
 
