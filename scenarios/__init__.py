@@ -22,7 +22,7 @@ from scenarios import cifar10 as _cifar10  # noqa: F401  (registers cifar10: tor
 from scenarios import tiny_imagenet as _tiny_imagenet  # noqa: F401  (registers tiny-imagenet: tiny-imagenet-200/)
 from scenarios import fashion_mnist as _fashion_mnist  # noqa: F401  (registers fashion-mnist: the idx.gz files)
 from scenarios.builders import class_incremental, class_order, domain_incremental, task_splits
-from scenarios.config import as_dict, check_choice, get_bool, get_int, get_str
+from scenarios.config import as_dict, check_choice, get_str
 from scenarios.datasets import (
     ImageFolderDataset,
     TargetSubset,
