@@ -344,7 +344,7 @@ class GSLoRA(Strategy):
 
     def _select(self) -> float:
         """H of the current state on the validation split; keeps the best for the report. Never restores."""
-        from cl.engine.metrics import h_mean
+        from cl.engine.kind_metrics import h_mean
 
         h = h_mean(self._val_acc("retain"), self._val_before - self._val_acc("forget"))
         if h > float(self.best_h):

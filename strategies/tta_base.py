@@ -2,8 +2,9 @@
 
 The backbone a `tta` scenario composes is the source CLASSIFIER (`backbone.is_classifier`: `backbone(x)` gives
 logits over the stream's classes; docs/tta.md). A strategy implements `forward_and_adapt(x)` (mariodoebler's
-name), which returns the prediction for `x` made BEFORE it updates on `x`; the trainer calls `adapt(x)` and
-scores what it returns online.
+name), which returns the prediction for `x` made BEFORE it updates on `x`; the online loop (cl/engine/online.py) calls
+`adapt(x)` and scores what it returns online, then reads `adapt_costs()` once per experience: the two methods of
+the online-adaptation contract (`cl.engine.strategy.OnlineAdaptation`; its loop: cl/engine/online.py) that `TTAStrategy` implements.
 
 `adapt` also measures what this family reports as cost (docs/tta.md, "Costs"), per experience:
 - forward passes per batch: each strategy counts its passes with `count_passes(k)` (k batch-sized passes; CoTTA's
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from cl.engine.errors import ConfigError
+from cl.engine.strategy import OnlineAdaptation
 from cl.engine.strategy import Strategy
 
 
@@ -95,7 +97,10 @@ def tensor_bytes(tensors) -> int:
     return total
 
 
-class TTAStrategy(Strategy):
+class TTAStrategy(OnlineAdaptation, Strategy):
+    """A test-time adaptation method: a `Strategy` (setup, begin/end_experience, predict, state) that also keeps the
+    online-adaptation contract (`adapt`, `adapt_costs`)."""
+
     supports = ("tta",)
     uses_sgd = False
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from cl.engine.errors import ConfigError
 from cl.models.peft import LoRALinear
-from scenarios.kinds.forgetting import forget_drop, forgetting_summary, h_mean
+from cl.engine.kind_metrics import forget_drop, forgetting_summary, h_mean
 from strategies.gs_lora import bounded_forget_loss, group_lasso, lora_groups, prox_group_lasso
 
 

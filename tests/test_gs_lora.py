@@ -13,7 +13,8 @@ from cl.engine.data import to_model_input
 from cl.engine.errors import ConfigError
 from cl.engine.stream import StreamInfo
 from cl.engine.strategy import Batch
-from scenarios.kinds.forgetting import build_forgetting, from_history
+from cl.engine.kind_metrics import forgetting as from_history
+from scenarios.kinds.forgetting import build_forgetting
 from cl.app.testbeds.synthetic_forget import make_vit
 from strategies.gs_lora import ForgetCycle, GSLoRA, bounded_forget_loss, group_norms, prototype_kl
 
@@ -46,8 +47,8 @@ def test_stream_requests_counted_down_with_disjoint_validation_and_eval_groups()
     assert set(np.unique(e1.train.targets)) == {0, 1, 2, 3}  # earlier forgotten classes are never replayed
     assert not set(e0.train.indices) & set(e0.meta["val_forget"].indices) | set(e0.meta["val_retain"].indices) \
         & set(e0.train.indices)
-    assert [g.classes for g in stream.eval_experiences] == [[4, 5], [2, 3], [0, 1]]
-    assert stream.eval_initial
+    assert [g.classes for g in stream.protocol.eval_experiences] == [[4, 5], [2, 3], [0, 1]]
+    assert stream.protocol.eval_initial
     few = _stream(few_shot=3)
     assert np.bincount(few[0].train.targets).tolist() == [3] * 6
     with pytest.raises(ConfigError, match="keep at least one class"):

@@ -28,7 +28,8 @@ from cl.engine.data import to_model_input
 from cl.models.heads import CosFaceHead
 from cl.models.peft import LoRALinear
 from cl.engine.strategy import Batch
-from scenarios.kinds.forgetting import build_forgetting, forget_requests, from_history
+from cl.engine.kind_metrics import forgetting as from_history
+from scenarios.kinds.forgetting import build_forgetting, forget_requests
 from cl.app.testbeds.synthetic_forget import make_vit
 from strategies.gs_lora import GSLoRA, GSLoRAPP
 

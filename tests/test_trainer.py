@@ -5,6 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from cl.engine.kinds import EvalProtocol
+from cl.engine.online import OnlineAdaptation
 from cl.engine.stream import Experience, Stream, StreamInfo
 from cl.engine.strategy import Strategy
 from cl.engine.trainer import Trainer, TrainerConfig
@@ -19,7 +21,7 @@ class Identity(nn.Module):
         return x.flatten(1)
 
 
-def toy_stream(kind="class_il") -> Stream:
+def toy_stream(kind="class_il", protocol=None) -> Stream:
     """Two experiences, classes {0,1} then {2,3}; a sample of class c is a 2x2 image with pixel c lit."""
     def data(classes, n=4):
         ys = torch.tensor([c for c in classes for _ in range(n)])
@@ -29,7 +31,7 @@ def toy_stream(kind="class_il") -> Stream:
     exps = [Experience(i, data(c), data(c), c, kind, task_id=i) for i, c in enumerate([[0, 1], [2, 3]])]
     info = StreamInfo("toy", kind, 4, 2, [0, 1, 2, 3], input_shape=(1, 2, 2),
                       classes_per_experience=[[0, 1], [2, 3]])
-    return Stream(exps, info)
+    return Stream(exps, info, protocol)
 
 
 class Recorder(Strategy):
@@ -193,7 +195,7 @@ def test_class_il_runs_report_no_class_il_fwt(compose, run_quiet):
     assert "fwt" not in m and "fwt_task_il" in m
 
 
-class OnlineAdapter(Recorder):
+class OnlineAdapter(OnlineAdaptation, Recorder):
     """A test-time strategy: predicts, then 'adapts' by counting the batches it has seen."""
 
     def adapt(self, x):
@@ -202,7 +204,7 @@ class OnlineAdapter(Recorder):
 
 
 def test_tta_streams_are_scored_online_with_adapt_and_no_training():
-    stream = toy_stream(kind="tta")
+    stream = toy_stream(kind="tta", protocol=EvalProtocol(loop="online"))
     s = OnlineAdapter(lambda f: f)
     s.setup(Identity(), stream.info)
     hist = Trainer(cfg(batch_size=3)).fit(stream, s)

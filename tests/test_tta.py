@@ -177,7 +177,7 @@ def test_psmt_masked_teacher_and_fisher_restore(data_root):
 
 def test_metrics_name_domains_and_average_repeats():
     from cl.engine.trainer import History
-    from scenarios.kinds.tta import metrics_from_history
+    from cl.engine.kind_metrics import tta as metrics_from_history
 
     h = History(acc_matrix=[[90.0], [None, 70.0], [None, None, 80.0]], test_counts=[10, 10, 10],
                 costs=[{"domain": "a_1", "time_per_batch_s": 1.0}, {"domain": "b_1", "time_per_batch_s": 3.0},

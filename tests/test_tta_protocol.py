@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from cl.engine.errors import ConfigError
-from scenarios.kinds.tta import build_tta, metrics_from_history
+from cl.engine.kind_metrics import tta as metrics_from_history
+from scenarios.kinds.tta import build_tta
 
 SYN = {"dataset": "synthetic-c", "severity": 5, "limit_per_class": 2,
        "synthetic": {"train_per_class": 4, "test_per_class": 4}}

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from scenarios.union_label_metrics import average, last, transfer, xtail_summary
+from cl.engine.kind_metrics import average, last, transfer, xtail_summary
 
 A = [[50.0, 10.0, 20.0],
      [40.0, 60.0, 30.0],
@@ -67,7 +67,7 @@ def test_union_label_stream_offsets_labels_and_keeps_all_names():
 def test_kind_metrics_from_history_reads_the_padded_matrix():
     from types import SimpleNamespace
 
-    from scenarios.union_label_metrics import from_history
+    from cl.engine.kind_metrics import union_label as from_history
 
     out = from_history(SimpleNamespace(acc_matrix=[[50.0, 10.0, 20.0], [40.0, 60.0, 30.0]]))
     assert out["transfer"] == pytest.approx(10.0) and out["last"] == pytest.approx(50.0)

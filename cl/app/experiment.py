@@ -26,8 +26,7 @@ import torch
 import scenarios
 import strategies
 from scenarios.datasets.imagefolder import BAD_IMAGE_POLICIES, bad_images_policy
-from cl.app.registry import build_backbone
-from cl.engine import metrics
+from cl.models import backbones
 from cl.engine.errors import BackboneError, ConfigError, RunInterrupted
 from cl.engine.frozen_refs import FrozenReference
 from cl.engine.progress import matrix_table
@@ -78,47 +77,23 @@ def _device_description(device: torch.device) -> dict:
     return {"type": "cpu", "name": cpu, "threads": torch.get_num_threads()}
 
 
-def _square(matrix: list[list[float | None]]) -> list[list[float]]:
-    k = len(matrix)
-    return [[v if v is not None else float("nan") for v in row[:k]] for row in matrix]
-
-
-# Kinds whose headline metrics are their own: "module:function(history) -> dict", imported when used.
-KIND_METRICS: dict[str, str] = {
-    "union_label": "scenarios.union_label_metrics:from_history",
-    "tta": "scenarios.kinds.tta:metrics_from_history",
-    "forgetting": "scenarios.kinds.forgetting:from_history",
-}
-
-
 def compute_metrics(history: History, kind: str) -> dict:
-    """The headline metrics on the experiences finished so far (percent).
-
-    Forward transfer needs `eval_future`. It is computed on the task-IL matrix for every kind (`fwt_task_il`),
-    and on the class-IL matrix only for domain-IL (`fwt`): in class-IL a future experience's classes are
-    masked until they are seen, so its class-IL accuracy is 0 by construction.
-    """
-    k = len(history.acc_matrix)
-    if k == 0:
+    """The headline metrics on the experiences finished so far (percent), as the kind's record defines them
+    (cl/engine/kind_metrics.py)."""
+    if len(history.acc_matrix) == 0:
         return {}
-    if kind in KIND_METRICS:
-        from cl.engine.lazy import load
+    return scenarios.get_kind(kind).compute_metrics(history)
 
-        return load(KIND_METRICS[kind])(history)
-    if kind == "tta":  # scored online, one domain at a time: the diagonal is all there is
-        online = [history.acc_matrix[i][i] for i in range(k)]
-        return {"online_acc_per_experience": online, "error_per_experience": [100 - a for a in online],
-                "mean_error": sum(100 - a for a in online) / k}
-    counts = history.test_counts[:k]
-    out = metrics.summarize(_square(history.acc_matrix), counts)
-    task = metrics.summarize(_square(history.task_il_matrix), counts)
-    out["task_il"] = {key: task[key] for key in ("avg_incremental_acc", "last_acc", "forgetting", "bwt")}
-    complete = history.initial_accuracy is not None and all(v is not None for v in history.acc_matrix[0])
-    if complete and k == len(history.acc_matrix[0]):
-        out["fwt_task_il"] = metrics.forward_transfer(history.task_il_matrix, history.initial_task_il_accuracy)
-        if kind == "domain_il":
-            out["fwt"] = metrics.forward_transfer(history.acc_matrix, history.initial_accuracy)
-    return out
+
+def result_kind(result: Mapping[str, Any]) -> str:
+    """The scenario kind a stored result was run with (older results too: the config always holds it)."""
+    return (result.get("stream") or {}).get("kind") or result["config"]["scenario"].get("kind", "class_il")
+
+
+def print_matrix(result: Mapping[str, Any], out=print) -> None:
+    """The accuracy matrix, its rows and columns labelled as the kind names them."""
+    rows, cols = scenarios.get_kind(result_kind(result)).labels(result)
+    out(matrix_table(result["acc_matrix"], rows=rows, cols=cols))
 
 
 class StopSignals:
@@ -291,7 +266,7 @@ def _reload_finished(run: Run, out) -> bool:
     if previous is None or previous.get("status") != "finished":
         return False
     out(f"run {run.run_id} already finished; reloading {run.dir.result_path}")
-    out(matrix_table(previous["acc_matrix"]))
+    print_matrix(previous, out)
     _print_summary(previous, out)
     return True
 
@@ -381,22 +356,16 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
         status = "finished" if i + 1 == len(stream) else "partial"
         run.interruption = None
         run.meta["strategy_info"] = dict(strat.describe())  # what the method grew (SEMA's experts, ...) so far
-        run.strategy_metrics = dict(getattr(strat, "run_metrics", dict)())  # SparCL's sparsity and FLOPs
+        run.strategy_metrics = dict(strat.run_metrics())  # SparCL's sparsity and FLOPs
         run.dir.write_result(run.result(hist, status))
         run.dir.log_event("experience_end", experience=i, accuracy=hist.acc_matrix[-1][: i + 1],
                           wall_s=hist.costs[-1]["wall_s"])
         if logger is not None:
             logger.log_experience(i, run.dir.read_result())
-        if stream.info.kind == "tta":
-            score = f"online accuracy {hist.acc_matrix[-1][i]:.2f}%"
-        elif stream.info.kind == "forgetting":  # one row per request, one column per class group
-            m = compute_metrics(hist, "forgetting")
-            score = f"retained {m['acc_retain']:.2f}%  forgotten {m['acc_forget']:.2f}%  H {m['h_mean']:.2f}"
-        else:
-            seen = metrics.stage_accuracies(_square(hist.acc_matrix), hist.test_counts[: len(hist.acc_matrix)])
-            score = f"accuracy on seen data {seen[-1]:.2f}%"
+        score = kind.score_line(hist, i)
         out(f"experience {i + 1}/{len(stream)}: {score}  ({hist.costs[-1]['wall_s']:.1f}s)")
 
+    kind = scenarios.get_kind(stream.info.kind)
     trainer.on_experience_end = on_experience_end
     try:
         history = trainer.fit(stream, strategy, history=history, start=start, resume=resume)
@@ -425,13 +394,13 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
         # Every experience was checkpointed but result.json is missing or damaged (the reload above refused it):
         # the last checkpoint's history holds the whole matrix and costs, so the result is rebuilt from it.
         run.meta["strategy_info"] = dict(strategy.describe())
-        run.strategy_metrics = dict(getattr(strategy, "run_metrics", dict)())
+        run.strategy_metrics = dict(strategy.run_metrics())
         run.dir.write_result(run.result(history, "finished"))
         run.dir.log_event("result_rebuilt", from_checkpoint=True)
         out(f"rebuilt {run.dir.result_path} from the checkpoints")
         result = run.dir.read_result()
     run.dir.log_event("run_end", metrics=result["metrics"])
-    out(matrix_table(history.acc_matrix))
+    print_matrix(result, out)
     _print_summary(result, out)
     return run.dir.result_path
 
@@ -470,24 +439,9 @@ def _record_interruption(run: Run, exc: RunInterrupted, history: History, n: int
 
 def _print_summary(result: Mapping[str, Any], out=print) -> None:
     m = result["metrics"]
-    costs = result["costs"]
     paper = result.get("paper") or {}
     for key, published in paper.items():  # every paper figure the run measured too, under the same key
         measured = m.get(key)
         if isinstance(published, (int, float)) and isinstance(measured, (int, float)):
             out(f"{key}: measured {measured:.2f}  paper {published:.2f}")
-    if "h_mean" in m:  # continual forgetting (scenarios/kinds/forgetting.py)
-        out(f"original acc {m['acc_original']:.2f}  retained acc {m['acc_retain']:.2f}  forgotten acc "
-            f"{m['acc_forget']:.2f}  H {m['h_mean']:.2f}  wall {costs['total_wall_s']:.1f}s")
-        return
-    if "mean_error" in m:
-        out(f"mean online error {m['mean_error']:.2f}  wall {costs['total_wall_s']:.1f}s")
-        return
-    if "transfer" in m:  # union-label streams (X-TAIL): scenarios/union_label_metrics.py
-        out(f"transfer {m['transfer']:.2f}  average {m['average']:.2f}  last {m['last']:.2f}  "
-            f"wall {costs['total_wall_s']:.1f}s")
-        return
-    line = (f"avg incremental acc {m['avg_incremental_acc']:.2f}  last acc {m['last_acc']:.2f}  "
-            f"forgetting {m['forgetting']:.2f}  bwt {m['bwt']:.2f}  "
-            f"(task-IL last {m['task_il']['last_acc']:.2f})  wall {costs['total_wall_s']:.1f}s")
-    out(line)
+    out(scenarios.get_kind(result_kind(result)).summary_line(result))

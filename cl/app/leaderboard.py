@@ -11,7 +11,7 @@ import pandas as pd
 
 KEYS = ["strategy", "scenario", "backbone"]
 # headline metric per scenario kind: tta shows mean error, forgetting kinds show H, union_label (X-TAIL) its
-# transfer / average / last (their own KIND_METRICS)
+# transfer / average / last (each kind's own metrics: cl/engine/kind_metrics.py)
 ACCURACY_METRICS = ["avg_incremental_acc", "last_acc", "forgetting", "bwt", "mean_error", "h_mean", "transfer",
                     "average", "last"]
 # Column headers as papers write them (Markdown/HTML, and LaTeX); the CSV keeps the code identifiers.

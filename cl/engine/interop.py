@@ -81,7 +81,7 @@ def to_avalanche(stream: Stream, *, size: int | None = None, channels: int | Non
     from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
     from avalanche.benchmarks.scenarios.task_aware import with_task_labels
 
-    tasks = [e.task_id if stream.info.kind == "task_il" else 0 for e in stream]
+    tasks = [e.task_id if stream.protocol.task_ids else 0 for e in stream]
     bench = benchmark_from_datasets(
         train=[avalanche_dataset(e.train, t, size, channels) for e, t in zip(stream, tasks)],
         test=[avalanche_dataset(e.test, t, size, channels) for e, t in zip(stream, tasks)],

@@ -135,17 +135,3 @@ def summarize(R, counts, baseline: Sequence[float] | None = None) -> dict:
     if baseline is not None and all(np.isfinite(R[j - 1, j]) for j in range(1, T)):
         out["fwt"] = forward_transfer(R, baseline)
     return out
-
-
-# --- continual forgetting (scenarios/kinds/forgetting.py; GS-LoRA's validation) ---
-def forget_drop(acc_forget_before: float, acc_forget_after: float) -> float:
-    """Drop = Acc_f(before) - Acc_f(after): how much accuracy the forget request removed."""
-    return float(acc_forget_before) - float(acc_forget_after)
-
-
-def h_mean(acc_retain: float, drop: float) -> float:
-    """The paper's H = 2 * Drop * Acc_r / (Drop + Acc_r); 0 when both are 0 (or Drop <= 0: nothing forgotten)."""
-    acc_retain, drop = float(acc_retain), float(drop)
-    if drop <= 0.0 or acc_retain <= 0.0:
-        return 0.0
-    return 2.0 * drop * acc_retain / (drop + acc_retain)

@@ -88,19 +88,27 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
     return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, leave=True)
 
 
-def matrix_table(matrix: list[list[float | None]], title: str = "accuracy matrix (%)") -> str:
-    """R[i, j] as text: rows = after training on experience i, columns = tested on experience j."""
+def matrix_table(matrix: list[list[float | None]], title: str = "accuracy matrix (%)",
+                 rows: list[str] | None = None, cols: list[str] | None = None) -> str:
+    """R[i, j] as text: rows = after training on experience i, columns = tested on experience j. `rows`/`cols`
+    name them (a kind's domains or class groups); default e0, e1, ..."""
     from rich.console import Console
     from rich.table import Table
 
     n = max((len(r) for r in matrix), default=0)
+    named_cols = cols is not None and len(cols) == n
+    named_rows = rows is not None and len(rows) == len(matrix)
+    cols = [str(c) for c in cols] if named_cols else [f"e{j}" for j in range(n)]
+    rows = [str(r) for r in rows] if named_rows else [f"e{i}" for i in range(len(matrix))]
     table = Table(title=title, title_justify="left")
     table.add_column("trained on \\ tested on", justify="right")
-    for j in range(n):
-        table.add_column(f"e{j}", justify="right")
-    for i, row in enumerate(matrix):
-        table.add_row(f"e{i}", *["" if v is None else f"{v:.1f}" for v in row])
-    console = Console(width=max(80, 12 + 8 * n), force_terminal=False, color_system=None)
+    for name in cols:
+        table.add_column(name, justify="right")
+    for name, row in zip(rows, matrix):
+        table.add_row(name, *["" if v is None else f"{v:.1f}" for v in row])
+    col_w = max([8] + [len(c) + 3 for c in cols]) if named_cols else 8
+    row_w = max([0] + [len(r) for r in rows]) if named_rows else 0
+    console = Console(width=max(80, 12 + row_w + col_w * n), force_terminal=False, color_system=None)
     with console.capture() as cap:
         console.print(table)
     return cap.get()

@@ -9,7 +9,8 @@
     after_optimizer_step()             optional: EMA, pulls, restores, masks
     end_experience(exp, loader)        prototypes, statistics, merges
     predict(x, task_id=None) -> logits over all `info.n_classes` global class ids
-    adapt(x) -> logits                 test-time strategies: predict, then update
+    adapt(x) -> logits                 test-time strategies only: the online-adaptation contract of their own
+                                       (`cl.engine.online.OnlineAdaptation`: adapt, adapt_costs), run by its own loop
     state_dict() / load_state_dict()   plain tensors and numbers, for resume
 
 A strategy that does not learn by SGD sets `uses_sgd = False` and overrides `fit_experience`. A strategy with
@@ -119,12 +120,9 @@ class Strategy(nn.Module):
     def predict(self, x: torch.Tensor, task_id: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        return self.predict(x)
-
     # --- frozen features (cl/engine/feature_cache.py) ------------------------------------------------------
     # Set by the trainer (a cl.engine.feature_cache.FeatureCache) when trainer.feature_cache is on; else None.
-    feature_cache = None
+    feature_cache: Any = None
 
     def frozen_encoder(self):
         """(key, encode) when `predict(x) == predict_features(encode(x))` and `encode` no longer changes: the
@@ -179,3 +177,15 @@ class Strategy(nn.Module):
 
     def describe(self) -> Mapping[str, Any]:
         return {"name": self.name, "hparams": self.hparams}
+
+
+class OnlineAdaptation:
+    """The online-adaptation contract (a mixin for `Strategy` subclasses; strategies/tta_base.py implements it)."""
+
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for x predicted BEFORE the update on x; then the update."""
+        raise NotImplementedError(f"{type(self).__name__} must implement adapt(x)")
+
+    def adapt_costs(self) -> dict:
+        """This experience's cost figures (plain numbers); the counters start again for the next experience."""
+        return {}

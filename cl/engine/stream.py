@@ -11,6 +11,8 @@ from typing import Any, Iterator, Sequence, overload
 
 from torch.utils.data import ConcatDataset, Dataset
 
+from cl.engine.kinds import DEFAULT_PROTOCOL, EvalProtocol
+
 KINDS = ("class_il", "domain_il", "task_il", "fscil", "tta", "forgetting", "text", "union_label")
 
 
@@ -62,11 +64,15 @@ class StreamInfo:
 
 
 class Stream(Sequence[Experience]):
-    """A sequence of experiences; `stream[:t + 1]` is everything seen up to experience t."""
+    """A sequence of experiences; `stream[:t + 1]` is everything seen up to experience t.
 
-    def __init__(self, experiences: Sequence[Experience], info: StreamInfo):
+    `protocol` says how the trainer runs and scores it (cl/engine/kinds.py); the kind's builder sets it (default: train
+    by SGD, evaluate the experiences seen so far)."""
+
+    def __init__(self, experiences: Sequence[Experience], info: StreamInfo, protocol: EvalProtocol | None = None):
         self.experiences = list(experiences)
         self.info = info
+        self.protocol = protocol if protocol is not None else DEFAULT_PROTOCOL
 
     def __len__(self) -> int:
         return len(self.experiences)
@@ -78,7 +84,7 @@ class Stream(Sequence[Experience]):
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return Stream(self.experiences[i], self.info)
+            return Stream(self.experiences[i], self.info, self.protocol)
         return self.experiences[i]
 
     def __iter__(self) -> Iterator[Experience]:

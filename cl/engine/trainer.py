@@ -3,11 +3,16 @@ calls the strategy's hooks (cl/engine/strategy.py) so that no method needs a tra
 
 Per experience i:
     strategy.observe_classes(exp); groups = strategy.begin_experience(exp)
-    SGD epochs over strategy.training_data(stream[:i+1])  (or strategy.fit_experience, whose optimisation phases
-        run through strategy.optimise, the routine of cl/engine/phases.py the trainer sets before each experience)
-    strategy.end_experience(exp, loader)
-    evaluate every seen experience in one pass over the union of their test sets, then split per experience
+    the loop the stream's protocol declares (`stream.protocol`, cl/engine/kinds.py):
+      sgd:    SGD epochs over strategy.training_data(stream[:i+1])  (or strategy.fit_experience, whose
+              optimisation phases run through strategy.optimise: cl/engine/phases.py, set before each experience)
+              strategy.end_experience(exp, loader)
+              evaluate what the protocol scores (the seen experiences, or its fixed groups) in one pass over the
+              union of their test sets, then split per experience
+      online: predict-then-adapt over the experience's test batches (cl/engine/online.py)
     checkpoint, then the `experience_end` event (a kill between the two is repaired on resume: cl/app/experiment.py)
+
+The trainer knows no scenario kind: what differs between kinds is declared in the protocol.
 
 Interruption: `Trainer.should_stop()` (set by `run_experiment` from its signal handlers) is polled before each
 experience and after each optimiser step. When it names a signal, the trainer raises `RunInterrupted`; inside the
@@ -34,7 +39,7 @@ from cl.engine.cache import model_input  # to_model_input, plus the image cache'
 from cl.engine.data import WithExtras, make_loader, to_model_input, unit_float
 from cl.engine.errors import ConfigError, NonFiniteLossError, RunInterrupted  # noqa: F401  (re-exported)
 from cl.engine.feature_cache import FeatureCache
-from cl.engine.phases import Optimiser, build_optimizer, make_scheduler  # noqa: F401  (make_scheduler re-exported)
+from cl.engine.online import ExperienceOutcome, OnlineLoop
 from cl.engine.progress import progress_bar, set_experience, stop_checks
 from cl.engine.strategy import Batch, Strategy
 from cl.engine.stream import Stream
@@ -138,8 +143,8 @@ class Trainer:
         strategy.feature_cache = (FeatureCache(self.device, self.cfg.eval_batch_size, self.autocast_dtype)
                                   if self.cfg.feature_cache else None)
         n = len(stream)
-        # eval_initial (a forgetting stream): the untouched original model is the reference its metrics need
-        if (self.cfg.eval_future or getattr(stream, "eval_initial", False)) and history.initial_accuracy is None:
+        # eval_initial (declared by the stream's protocol, e.g. forgetting): the untouched model is a reference
+        if (self.cfg.eval_future or stream.protocol.eval_initial) and history.initial_accuracy is None:
             row, task_row, counts = self.evaluate(stream, strategy, upto=n - 1, mask_to_seen=False)
             history.initial_accuracy, history.initial_task_il_accuracy = row, task_row
             history.test_counts = counts
@@ -165,29 +170,12 @@ class Trainer:
             strategy.observe_classes(exp)
             groups = normalize_groups(strategy.begin_experience(exp))
             strategy.to(self.device)
-            if stream.info.kind == "tta":
-                # Continual test-time adaptation: no training phase; the experience's test batches arrive in a
-                # fixed order and each is predicted, then adapted on (strategy.adapt), and scored online.
-                t = time.perf_counter()
-                row, task_row, counts = self.adapt_online(stream, strategy, i)
-                train_time, train_images, trainable, eval_time = 0.0, 0, count_trainable(groups), 0.0
-                adapt_time = time.perf_counter() - t
-                n_batches = max(1, -(-counts[i] // self.cfg.batch_size))
-                # per-domain cost figures of this family: time per batch, plus what the strategy counts itself
-                tta_costs = {"domain": exp.domain, "batches": n_batches, "time_per_batch_s": adapt_time / n_batches,
-                             **(strategy.adapt_costs() if hasattr(strategy, "adapt_costs") else {})}
-                strategy.end_experience(exp, None)
+            # the loop the stream's protocol declares: train then evaluate, or predict-then-adapt online
+            if stream.protocol.loop == "online":
+                out = OnlineLoop(self).run(stream, strategy, i, count_trainable(groups))
             else:
-                adapt_time = None
-                trainable = count_trainable(groups)  # before training: strategies freeze what they trained
-                train_time, train_images = self._learn(stream, strategy, groups, i, here, t0)
-                trained = strategy.trained_param_count()  # a strategy that grows modules while training knows
-                trainable = trained if trained is not None else trainable
-
-                upto = n - 1 if self.cfg.eval_future else i
-                t = time.perf_counter()
-                row, task_row, counts = self.evaluate(stream, strategy, upto=upto)
-                eval_time = time.perf_counter() - t
+                out = self._learn_and_evaluate(stream, strategy, groups, i, here, t0)
+            row, task_row, counts = out.row, out.task_row, out.counts
             history.acc_matrix.append(_pad(row, n))
             history.task_il_matrix.append(_pad(task_row, n))
             if len(counts) > len(history.test_counts):
@@ -197,22 +185,34 @@ class Trainer:
             history.costs.append({
                 "experience": i,
                 "wall_s": time.perf_counter() - t0,
-                "train_s": train_time,
-                "eval_s": eval_time,
-                "train_images": train_images,
-                "train_images_per_s": train_images / train_time if train_time > 0 else None,
-                "eval_images_per_s": n_eval / eval_time if eval_time > 0 else None,
-                **({"adapt_s": adapt_time, "adapt_images_per_s": counts[i] / adapt_time if adapt_time else None,
-                    **tta_costs} if adapt_time is not None else {}),
+                "train_s": out.train_s,
+                "eval_s": out.eval_s,
+                "train_images": out.train_images,
+                "train_images_per_s": out.train_images / out.train_s if out.train_s > 0 else None,
+                "eval_images_per_s": n_eval / out.eval_s if out.eval_s > 0 else None,
+                **out.extra_costs,  # the online loop's adapt time and per-batch figures
                 "forward_passes_per_test_image": strategy.forward_passes_per_test_image,
                 "peak_memory_mb": mem,
                 "peak_memory_kind": mem_kind,
-                "trainable_params": trainable,
+                "trainable_params": out.trainable,
                 "added_params": strategy.added_params(),
             })
             if self.on_experience_end is not None:
                 self.on_experience_end(i, strategy, history)
         return history
+
+    def _learn_and_evaluate(self, stream: Stream, strategy: Strategy, groups: list, i: int,
+                            resume: Mapping[str, Any] | None, t0: float) -> ExperienceOutcome:
+        """The `sgd` loop's experience: the training phase, then one evaluation pass over what the protocol scores."""
+        trainable = count_trainable(groups)  # before training: strategies freeze what they trained
+        train_time, train_images = self._learn(stream, strategy, groups, i, resume, t0)
+        trained = strategy.trained_param_count()  # a strategy that grows modules while training knows
+        trainable = trained if trained is not None else trainable
+        upto = len(stream) - 1 if self.cfg.eval_future else i
+        t = time.perf_counter()
+        row, task_row, counts = self.evaluate(stream, strategy, upto=upto)
+        return ExperienceOutcome(row, task_row, counts, train_s=train_time, train_images=train_images,
+                                 eval_s=time.perf_counter() - t, trainable=trainable)
 
     def _learn(self, stream: Stream, strategy: Strategy, groups: list, i: int,
                resume: Mapping[str, Any] | None = None, t0: float = 0.0) -> tuple[float, int]:
@@ -232,7 +232,8 @@ class Trainer:
                              pin_memory=self.device.type == "cuda", drop_last=strategy.drop_last or lone_tail)
         if strategy.uses_sgd:
             loader.desc = None  # the SGD loop has its own bar and stop checks (with a resumable position)
-            train_time, train_images = self._train_sgd(strategy, groups, loader, i, len(stream), exp.task_id,
+            task_id = exp.task_id if stream.protocol.task_ids else None  # task-IL: batches carry the task id
+            train_time, train_images = self._train_sgd(strategy, groups, loader, i, len(stream), task_id,
                                                        resume=resume, t0=t0)
         else:
             loader.desc = f"{strategy.name}: fit experience {i + 1}"
@@ -302,7 +303,7 @@ class Trainer:
                 if b >= steps_per_epoch:
                     break
                 batch = Batch(model_input(x, size, chans, self.device), y.to(self.device, non_blocking=True),
-                              self._task_ids(strategy, task_id, len(y)))
+                              self._task_ids(task_id, len(y)))
                 if extras:  # WithExtras: what the strategy asked for
                     if "index" in extras[0]:
                         batch.index = extras[0]["index"].to(self.device, non_blocking=True)
@@ -363,35 +364,8 @@ class Trainer:
         strategy.eval()
         return train_time, images
 
-    def _task_ids(self, strategy: Strategy, task_id: int, n: int) -> torch.Tensor | None:
-        if strategy.info is not None and strategy.info.kind == "task_il":
-            return torch.full((n,), task_id, device=self.device)
-        return None
-
-    # --- online test-time adaptation ------------------------------------------------------------
-    def adapt_online(self, stream: Stream, strategy: Strategy, index: int,
-                     ) -> tuple[list[float | None], list[float | None], list[int]]:
-        """Predict-then-adapt over experience `index`'s test batches in their fixed order; accuracy scored online.
-
-        Only the diagonal entry is defined: earlier domains are not revisited (CoTTA's protocol)."""
-        exp = stream[index]
-        loader = make_loader(exp.test, batch_size=self.cfg.batch_size, shuffle=False,
-                             num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda", desc=None)
-        size, chans = strategy.backbone.input_size, strategy.backbone.in_chans
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        bar = progress_bar(total=len(loader), desc=f"adapt {index + 1}/{len(stream)}", enabled=self.cfg.progress)
-        for x, y in loader:
-            x = to_model_input(x, size, chans, self.device)
-            with self.autocast():
-                logits = strategy.adapt(x)
-            correct += (logits.float().argmax(1) == y.to(self.device)).sum()
-            bar.update(1)
-        bar.close()
-        acc = correct.item() / len(exp.test) * 100
-        row: list[float | None] = [None] * (index + 1)
-        row[index] = acc
-        counts = [len(e.test) for e in stream[: index + 1]]
-        return row, list(row), counts
+    def _task_ids(self, task_id: int | None, n: int) -> torch.Tensor | None:
+        return None if task_id is None else torch.full((n,), task_id, device=self.device)
 
     # --- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -403,8 +377,8 @@ class Trainer:
         masks the logits to the sample's own experience classes (Mammoth's logit masking).
         """
         strategy.eval()
-        # A stream may test groups other than its experiences (forgetting: every class group after every request)
-        exps = list(getattr(stream, "eval_experiences", None) or [stream[j] for j in range(upto + 1)])
+        # The protocol may name fixed groups other than the experiences (forgetting: every class group, every time)
+        exps = list(stream.protocol.eval_experiences or [stream[j] for j in range(upto + 1)])
         union = ConcatDataset([e.test for e in exps])
         counts = [len(e.test) for e in exps]
         sample_exp = torch.repeat_interleave(torch.arange(len(exps)), torch.tensor(counts)).to(self.device)
@@ -418,7 +392,7 @@ class Trainer:
                              num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
                              desc=f"evaluate {len(exps)} experience(s)")
         size, chans = strategy.backbone.input_size, strategy.backbone.in_chans
-        task_il = stream.info.kind == "task_il"
+        task_il = stream.protocol.task_ids
         cached = self._cached_features(strategy, exps)  # frozen encoder: each test image encoded once
         offset = 0
         for x, y in (cached if cached is not None else loader):
@@ -446,7 +420,7 @@ class Trainer:
 
     def _cached_features(self, strategy: Strategy, exps: list):
         """(features, labels) batches over the seen test sets from the feature cache, or None without one."""
-        cache = getattr(strategy, "feature_cache", None)
+        cache = strategy.feature_cache
         frozen = strategy.frozen_encoder() if cache is not None else None
         if frozen is None:
             return None
@@ -459,7 +433,7 @@ class Trainer:
 
     def _eval_batch_size(self, strategy: Strategy) -> int:
         """`trainer.eval_batch_size`, unless the strategy declares its own (cl/engine/strategy.py)."""
-        return int(getattr(strategy, "test_batch_size", None) or self.cfg.eval_batch_size)
+        return int(strategy.test_batch_size or self.cfg.eval_batch_size)
 
 
 def _skip_batches(batches, n: int) -> None:

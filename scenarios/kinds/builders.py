@@ -81,7 +81,14 @@ def class_incremental(
         extra={"class_order_seed": seed, "shuffle": bool(shuffle), "increments": sizes,
                "limit_per_class": limit_per_class, **_sizes(experiences)},
     )
-    return Stream(experiences, info)
+    return Stream(experiences, info, _protocol(kind))
+
+
+def _protocol(kind: str):
+    """The evaluation protocol the kind's record declares (task_il: scored with task ids)."""
+    from scenarios import get_kind
+
+    return get_kind(kind).protocol
 
 
 def domain_incremental(
@@ -129,7 +136,7 @@ def domain_incremental(
         extra={"seed": seed, "domain_order": [_plain(d) for d in order],
                "limit_per_class": limit_per_class, **_sizes(experiences)},
     )
-    return Stream(experiences, info)
+    return Stream(experiences, info, _protocol("domain_il"))
 
 
 def _targets(dataset: Dataset, split: str) -> np.ndarray:

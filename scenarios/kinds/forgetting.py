@@ -1,7 +1,7 @@
 """Scenario kind `forgetting` (continual forgetting, GS-LoRA CVPR'24 / T-PAMI): a pre-trained classifier receives
 a sequence of forget requests; each names classes to erase, with the data of the classes it must keep.
 
-The stream (`build_forgetting`, KIND_BUILDERS["forgetting"]):
+The stream (`build_forgetting`, the kind's record `KIND`):
 - Classes: the dataset's `n_classes` K. As the reference (`bjzhb666/GS-LoRA` train/train_own_forget_cl.py:198-203,
   538-545), the class ids are first put in a seeded random order, `random.seed(SEED); random.shuffle(order)` with
   Python's `random` (`class_order_seed`, default 1337, the reference's `SEED` in config.py); request t forgets
@@ -16,11 +16,11 @@ The stream (`build_forgetting`, KIND_BUILDERS["forgetting"]):
   `val_forget` / `val_retain` that strategies may report on (the reference evaluates on the test set).
 - Validation: per class, the last `val_fraction` of the train split (in dataset order) is held out before any
   subset is drawn; `synthetic-forget`'s original model never trains on it either.
-- Evaluation: the stream carries `eval_experiences`, one test group per request plus the classes never forgotten
-  (`retained`), which the trainer evaluates after EVERY request (and once before the first: `eval_initial`, the
-  original model). So `acc_matrix` has one row per request and one column per class group.
+- Evaluation: the stream's protocol names `eval_experiences`, one test group per request plus the classes never
+  forgotten (`retained`), which the trainer evaluates after EVERY request (and once before the first:
+  `eval_initial`, the original model). So `acc_matrix` has one row per request and one column per class group.
 
-Metrics (`from_history`, KIND_METRICS["forgetting"]), all percent, sample-weighted over groups:
+Metrics (`cl.engine.kind_metrics.forgetting`, registered in `KIND`), all percent, sample-weighted over groups:
 - `acc_original`: the original model on all classes; per request `acc_retain` (classes not forgotten so far),
   `acc_forget` (all classes forgotten so far), `acc_forget_current` (the paper's Acc_f: this request's classes),
   `acc_old` (the paper's Acc_o: classes forgotten by earlier requests), `drop` = Acc_f(before) - Acc_f(after) on
@@ -38,66 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from cl.engine import kind_metrics as km
 from cl.engine.errors import ConfigError
-from cl.engine.metrics import forget_drop, h_mean  # noqa: F401  (pure metrics live in the engine)
+from cl.engine.kinds import EvalProtocol, Kind
 from cl.engine.stream import Experience, Stream, StreamInfo
-
-# --- metrics (pure functions) ---------------------------------------------------------------------------------
-
-
-def forgetting_summary(acc_original: float, per_request: list[dict]) -> dict:
-    """Headline metrics after the last request.
-
-    `per_request`: one dict per request with `acc_retain`, `acc_forget` (all classes forgotten so far),
-    `acc_forget_current` (this request's classes now) and `acc_forget_before` (the original model on this
-    request's classes), in percent. Drop and H use this request's classes, as the paper's tables do.
-    """
-    if not per_request:
-        raise ConfigError("forgetting metrics need at least one forget request; give the scenario n_requests >= 1")
-    rows = []
-    for r in per_request:
-        current = r.get("acc_forget_current", r["acc_forget"])
-        drop = forget_drop(r["acc_forget_before"], current)
-        rows.append({**r, "drop": drop, "h_mean": h_mean(r["acc_retain"], drop)})
-    last = rows[-1]
-    return {"acc_original": float(acc_original), "acc_retain": float(last["acc_retain"]),
-            "acc_forget": float(last["acc_forget"]), "h_mean": last["h_mean"], "per_request": rows}
-
-
-def _weighted(acc: list, counts: list[int], groups) -> float:
-    groups = list(groups)
-    n = sum(counts[g] for g in groups)
-    if n == 0:
-        return float("nan")
-    return float(sum(float(acc[g]) * counts[g] for g in groups) / n)
-
-
-def from_history(history) -> dict:
-    """KIND_METRICS entry: the forgetting metrics on the requests finished so far (see the module docstring).
-
-    Columns of `acc_matrix`: group j < T is request j's classes, the last column the never-forgotten classes.
-    `initial_accuracy` is the original model on every group (the trainer's `eval_initial` pass)."""
-    rows, counts, before = history.acc_matrix, list(history.test_counts), history.initial_accuracy
-    if before is None:
-        raise ConfigError("forgetting metrics need the original model's accuracy: the stream must set eval_initial")
-    n_groups = len(counts)
-    acc_original = _weighted(before, counts, range(n_groups))
-    per_request = []
-    for i, row in enumerate(rows):
-        forgotten, kept = range(0, i + 1), range(i + 1, n_groups)
-        start = before if i == 0 else rows[i - 1]  # the model at the start of request i (reference :920)
-        per_request.append({
-            "request": i,
-            "acc_retain": _weighted(row, counts, kept),
-            "acc_forget": _weighted(row, counts, forgotten),
-            "acc_forget_current": float(row[i]),
-            "acc_old": _weighted(row, counts, range(0, i)) if i else None,
-            "acc_forget_before": float(start[i]),
-            "acc_retain_before": _weighted(start, counts, kept),
-            "acc_forget_original": float(before[i]),
-        })
-    return forgetting_summary(acc_original, per_request)
-
 
 # --- the stream -----------------------------------------------------------------------------------------------
 
@@ -184,16 +128,6 @@ def _subset_per_request(idx: np.ndarray, targets: np.ndarray, ratio: float, few_
     return np.sort(rng.permutation(idx)[:n])
 
 
-class ForgettingStream(Stream):
-    """A `Stream` whose evaluation groups are not its training experiences (read by `Trainer.evaluate`)."""
-
-    eval_initial = True  # the trainer evaluates the untouched original model once, before the first request
-
-    def __init__(self, experiences, info: StreamInfo, eval_experiences: list[Experience]):
-        super().__init__(experiences, info)
-        self.eval_experiences = list(eval_experiences)
-
-
 def build_forgetting(cfg: dict, data_root=None) -> Stream:
     from scenarios import TargetSubset
     from scenarios.datasets.registry import get_loader, resolve_data_root
@@ -247,4 +181,23 @@ def build_forgetting(cfg: dict, data_root=None) -> Stream:
                              "class_order_seed": cfg.get("class_order_seed", REFERENCE_CLASS_ORDER_SEED),
                              "data_ratio": ratio, "few_shot": few_shot,
                              "val_fraction": float(cfg.get("val_fraction", 0.1))})
-    return ForgettingStream(exps, info, [*exps, kept])
+    return Stream(exps, info, KIND.protocol.with_groups([*exps, kept]))
+
+
+# The original model is evaluated once first; every class group (each request's, then the retained classes) is
+# tested after every request: `build_forgetting` names the groups.
+KIND = Kind(
+    name="forgetting", build=build_forgetting, protocol=EvalProtocol(eval_initial=True),
+    metrics=km.forgetting, summary=km.forgetting_result_summary, score=km.forgetting_score,
+    matrix_labels=km.forgetting_labels,
+)
+
+
+def check_forgetting_backbone(backbone: Any) -> torch.nn.Module:
+    """The trained classifier head a forgetting strategy starts from, or a one-line error naming the fix."""
+    head = getattr(backbone, "head", None)
+    if not isinstance(head, torch.nn.Module):
+        raise ConfigError(f"backbone '{getattr(backbone, 'name', '?')}' has no trained classifier head: continual "
+                          f"forgetting starts from a model that knows every class; use backbone=synthetic-forget "
+                          f"or a preset whose backbone carries its head")
+    return head

@@ -64,7 +64,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 import scenarios as _scenarios
+from cl.engine import kind_metrics as km
 from cl.engine.errors import ConfigError, DatasetError
+from cl.engine.kinds import EvalProtocol, Kind
 from cl.engine.stream import Experience, Stream, StreamInfo
 from scenarios.kinds.builders import (
     _class_names,
@@ -80,7 +82,6 @@ from cl.engine.in_memory import input_shape_of
 from scenarios.datasets.registry import get_loader, resolve_data_root
 from cl.engine.subset import TargetSubset
 
-KIND = "fscil"
 RESIZES = ("pilot", "lanczos", "bilinear_crop")
 SESSION_FILE = "session_{}.txt"
 PROTOCOL_SOURCE = (
@@ -126,19 +127,19 @@ def from_sessions(train: Dataset, test: Dataset, sessions: Sequence[Sequence[int
         shots = np.bincount(train_targets[idx], minlength=n_classes)[classes]
         experiences.append(Experience(
             index=k, train=TargetSubset(train, idx), test=TargetSubset(test, test_idx), classes=classes,
-            kind=KIND, task_id=k,
+            kind=KIND.name, task_id=k,
             meta={"session": k + 1, "ways": len(classes), "shots": int(shots.min()) if k else None},
         ))
     few_shot = [np.asarray(s, dtype=np.int64).reshape(-1).tolist() for s in sessions[1:]]
     info = StreamInfo(
-        name=name, kind=KIND, n_classes=n_classes, n_experiences=len(experiences), class_order=order,
+        name=name, kind=KIND.name, n_classes=n_classes, n_experiences=len(experiences), class_order=order,
         class_names=_class_names(train), input_shape=input_shape_of(train),
         classes_per_experience=[list(e.classes) for e in experiences],
         extra={"protocol": "fscil", "base_classes": len(experiences[0].classes),
                "ways": [len(e.classes) for e in experiences[1:]], "limit_per_class": limit_per_class,
                **(extra or {}), "few_shot_indices": few_shot, **_sizes(experiences)},
     )
-    return Stream(experiences, info)
+    return Stream(experiences, info, KIND.protocol)
 
 
 def generate_sessions(train_targets: np.ndarray, order: Sequence[int], *, base_classes: int, ways: int, shots: int,
@@ -414,3 +415,10 @@ def _check_against_config(name: str, folder: Path, sessions: list[np.ndarray], t
     if problems:
         raise DatasetError(f"{name}: the session lists in {folder} do not match the config: "
                            + "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else ""))
+
+
+# A base session, then N-way K-shot sessions: trained and scored as class-incremental.
+KIND = Kind(
+    name="fscil", build=build_fscil, protocol=EvalProtocol(),
+    metrics=km.incremental, summary=km.incremental_summary, score=km.seen_score,
+)

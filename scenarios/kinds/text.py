@@ -28,7 +28,9 @@ from typing import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from cl.engine import kind_metrics as km
 from cl.engine.errors import ConfigError, DatasetError
+from cl.engine.kinds import EvalProtocol, Kind
 from cl.engine.stream import Experience, Stream, StreamInfo
 from scenarios.datasets.registry import resolve_data_root
 
@@ -203,5 +205,10 @@ def build_text(cfg: dict, data_root: str | Path | None = None) -> Stream:
     info = StreamInfo(name=cfg.get("name") or dataset, kind="text", n_classes=n_classes, n_experiences=len(exps),
                       class_order=order, class_names=names, input_shape=(), classes_per_experience=per_exp,
                       extra={"tasks": tasks, "label_spaces": [spaces[t][0] for t in tasks]})
-    return Stream(exps, info)
+    return Stream(exps, info, KIND.protocol)
 
+
+KIND = Kind(
+    name="text", build=build_text, protocol=EvalProtocol(),
+    metrics=km.incremental, summary=km.incremental_summary, score=km.seen_score,
+)

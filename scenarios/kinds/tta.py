@@ -16,7 +16,8 @@ Options: `reset_each_shift`, `gradual` (true/mariodoebler: every domain 1->5->1;
 ones 1->5->1), `mixed` (all domains in one shuffled experience), `order_seed` (one random order), `orders` (several
 orders one after another in one run, the strategy reset at each order's start; `mean_error_per_order`; CoTTA's
 ten ImageNet-C orders are in configs/experiment/cotta_imagenetc.yaml), `shuffle_within_domain`.
-Scoring: `metrics_from_history` (error per named domain, `mean_error`, and the cost figures per batch).
+Protocol: `loop="online"` (cl/engine/online.py: predict, then adapt, on each test batch in order; no training phase).
+Scoring: `cl.engine.kind_metrics.tta` (error per named domain, `mean_error`, and the cost figures per batch).
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Subset, TensorDataset
 
+from cl.engine import kind_metrics as km
 from cl.engine.errors import ConfigError
+from cl.engine.kinds import EvalProtocol, Kind
 from cl.engine.stream import Experience, Stream, StreamInfo
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
@@ -160,7 +163,7 @@ def _stream(cfg: dict, domains, tests: list, train, n_classes: int, input_shape,
                              "gradual": cfg.get("gradual") or False, "mixed": bool(cfg.get("mixed", False)),
                              "order_starts": [] if cfg.get("mixed") else _order_starts(cfg),
                              "shuffle_within_domain": bool(cfg.get("shuffle_within_domain", False)), **extra})
-    return Stream(exps, info)
+    return Stream(exps, info, KIND.protocol)
 
 
 def _fashion_mnist_c(cfg: dict, data_root: Path) -> Stream:
@@ -287,36 +290,7 @@ def _generated(cfg: dict, data_root: Path) -> Stream:
                    "generated:imagecorruptions", clean_dataset=clean["dataset"])
 
 
-def metrics_from_history(history) -> dict:
-    """Online error per named domain and its mean (the tables' "mean error"), plus per-batch costs.
-
-    Domains that occur several times (gradual schedules) are averaged by sample count."""
-    k = len(history.acc_matrix)
-    online = [history.acc_matrix[i][i] for i in range(k)]
-    errors = [100 - a for a in online]
-    costs = history.costs[:k]
-    names = [c.get("domain", f"experience_{i}") for i, c in enumerate(costs)]
-    counts = history.test_counts[:k] if len(history.test_counts) >= k else [1] * k
-    per_domain: dict[str, list[float]] = {}
-    for name, err, n in zip(names, errors, counts):
-        tot = per_domain.setdefault(name, [0.0, 0])
-        tot[0] += err * n
-        tot[1] += n
-    out = {"online_acc_per_experience": online, "error_per_experience": errors,
-           "error_per_domain": {n: e / max(c, 1) for n, (e, c) in per_domain.items()},
-           "mean_error": sum(errors) / k}
-    orders = [c.get("order") for c in costs]
-    if len(costs) == k and None not in orders and len(set(orders)) > 1:  # several orders: the mean of each
-        out["mean_error_per_order"] = [sum(e for e, o in zip(errors, orders) if o == j) / orders.count(j)
-                                       for j in sorted(set(orders))]
-
-    def mean(key):
-        vals = [c[key] for c in costs if c.get(key) is not None]
-        return sum(vals) / len(vals) if vals else None
-
-    out["cost_per_batch"] = {"time_s": mean("time_per_batch_s"), "forward_passes": mean("forward_passes_per_batch"),
-                             "saved_for_backward_mb": max((c.get("saved_for_backward_mb") or 0 for c in costs), default=None),
-                             "resident_state_mb": mean("resident_state_mb"),
-                             "peak_memory_mb": max((c.get("peak_memory_mb") or 0 for c in costs), default=None),
-                             "peak_memory_kind": costs[-1].get("peak_memory_kind") if costs else None}
-    return out
+KIND = Kind(
+    name="tta", build=build_tta, protocol=EvalProtocol(loop="online"),
+    metrics=km.tta, summary=km.tta_summary, score=km.tta_score, matrix_labels=km.domain_labels,
+)

@@ -2,7 +2,7 @@
 class names through text prompts.
 
 Why a kind of its own: the label space is the union of every dataset's classes from the start (X-TAIL gives no
-dataset id at test time), and the metrics (scenarios/union_label_metrics.py) need the zero-shot accuracy on
+dataset id at test time), and the metrics (`cl.engine.kind_metrics.union_label`: X-TAIL's Transfer, Average, Last) need the zero-shot accuracy on
 datasets not learned yet. Global class ids are offset per dataset; `StreamInfo.class_names` holds the names the
 strategies turn into prompts: `extra["prompt_templates"]` holds one template per class (a dataset's own
 `prompt_template`, else the reader's, e.g. the X-TAIL datasets' reference templates, else the scenario's).
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from cl.engine import kind_metrics as km
 from cl.engine.errors import ConfigError
+from cl.engine.kinds import EvalProtocol, Kind
 from cl.engine.stream import Experience, Stream, StreamInfo
 
 from cl.engine.in_memory import TensorImageDataset
@@ -100,4 +102,10 @@ def build_union_label(cfg: dict, data_root=None) -> Stream:
                       input_shape=(3, size, size), classes_per_experience=per_exp,
                       extra={"domains": [e.domain for e in exps], "prompt_template": default_template,
                              "prompt_templates": templates})
-    return Stream(exps, info)
+    return Stream(exps, info, KIND.protocol)
+
+
+KIND = Kind(
+    name="union_label", build=build_union_label, protocol=EvalProtocol(),
+    metrics=km.union_label, summary=km.union_label_summary, score=km.seen_score, matrix_labels=km.domain_labels,
+)
