@@ -15,7 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cl.cli import check_group_overrides, explain_config_error, fail, is_config_error, normalize_overrides
+from cl.cli import check_group_overrides, explain_config_error, fail, is_config_error
 
 
 class _TaskError(Exception):
@@ -65,7 +65,6 @@ def _main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = normalize_overrides(sys.argv[1:])
     problem = check_group_overrides(sys.argv[1:])
     if problem:
         fail(problem)

@@ -32,14 +32,18 @@ CHECKED_GROUPS = ("strategy", "scenario", "backbone", "trainer", "debug", "exper
 
 
 def group_options(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
+    """The names `group=<name>` accepts. Files whose name starts with `_` (configs/strategy/avalanche/_base.yaml)
+    are shared parts that other configs include through their defaults list, not choices."""
     base = config_dir / group
-    return sorted(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml"))
+    return sorted(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml") if not p.name.startswith("_"))
 
 
 def check_group_overrides(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> str | None:
     """The first unknown `group=name` on the command line, as a one-line message naming the closest choice."""
     for arg in argv:
         key, sep, value = arg.partition("=")
+        if sep and key.startswith("+") and key.lstrip("+") in CHECKED_GROUPS:
+            return appended_group_message(key.lstrip("+"), value)
         key = key.lstrip("+~")
         if not sep or key not in CHECKED_GROUPS or value in ("", "null"):
             continue
@@ -54,10 +58,11 @@ def check_group_overrides(argv: Sequence[str], config_dir: Path = CONFIG_DIR) ->
     return None
 
 
-def normalize_overrides(argv: Sequence[str]) -> list[str]:
-    """`experiment=x` -> `+experiment=x`: presets are appended to the defaults list (the lightning-hydra-template
-    spelling and the `+` spelling both work)."""
-    return [f"+{a}" if a.startswith("experiment=") else a for a in argv]
+def appended_group_message(group: str, value: str) -> str:
+    """`+experiment=x` (the spelling from before `experiment` was in configs/config.yaml's defaults list): Hydra
+    would say "Multiple values for experiment"; this names the fix."""
+    return (f"{shown(f'+{group}={value}')}: '{group}' is already in the defaults list (configs/config.yaml), so it "
+            f"is chosen without the '+': write {shown(f'{group}={value}')}")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -71,7 +76,6 @@ def compose_config(overrides: Sequence[str] = ()) -> dict:
     Every composition problem is a `ConfigError` with a one-line message, as on the command line."""
     from .errors import ConfigError
 
-    overrides = normalize_overrides(overrides)
     message = check_group_overrides(overrides)
     if message:
         raise ConfigError(message)
@@ -193,6 +197,11 @@ def explain_config_error(exc: BaseException, overrides: Sequence[str] = ()) -> s
                 hint = f" ('{parent}' holds: {', '.join(below[:15])}{', ...' if len(below) > 15 else ''})"
         return (f"unknown config key {shown(key)}{hint}: fix the spelling, or write {shown(f'+{key}={value}')} to add "
                 f"a new key on purpose")
+    m = re.search(r"Multiple values for (\S+?)\. To override", text)
+    if m:  # `+group=x` for a group of the defaults list (check_group_overrides catches the known groups first)
+        group = m.group(1)
+        value = next((a.partition("=")[2] for a in overrides if a.partition("=")[0].lstrip("+") == group), "...")
+        return appended_group_message(group, value)
     m = re.search(r"An item is already at '([^']+)'", text)
     if m:
         key = m.group(1)
