@@ -1,4 +1,4 @@
-"""Strategy registry: `strategies.build(cfg.strategy, backbone, stream.info)`.
+"""Strategy registry: `strategies.build(cfg.strategy, backbone, stream.info, trainer=cfg.trainer)`.
 
 Modules are imported lazily so that a strategy's optional dependencies are only needed when it is used.
 """
@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from cl.errors import ConfigError
 from cl.strategy import Strategy
+from cl.trainer_config import TrainerConfig
 
 REGISTRY: dict[str, str] = {
     "finetune": "strategies.finetune:Finetune",
@@ -90,11 +91,15 @@ def check_backbone(name: str, params: Mapping[str, Any], backbone) -> None:
                           f"vit-b16 or vit-b16-in21k{hint}")
 
 
-def build(cfg: Mapping[str, Any], backbone, info) -> Strategy:
+def build(cfg: Mapping[str, Any], backbone, info, trainer: TrainerConfig | Mapping[str, Any] | None = None) -> Strategy:
+    """The strategy, set up. `trainer` (the run's `trainer:` section or its TrainerConfig; None: the trainer
+    default) is handed over as `strategy.trainer_cfg` before `setup`: values go trainer -> strategy, never back."""
     params = {k: v for k, v in dict(cfg).items() if k not in ("name", "train")}
     cls = get_class(cfg["name"])
     check_supported(cfg["name"], info.kind)
     check_backbone(cfg["name"], params, backbone)
     strategy = cls(**params)
+    if trainer is not None:
+        strategy.trainer_cfg = trainer if isinstance(trainer, TrainerConfig) else TrainerConfig.from_mapping(trainer)
     strategy.setup(backbone, info)
     return strategy
