@@ -42,9 +42,9 @@ Differences from the reference code, and why:
   never used for the next request.
 - `group_prox: true` (off by default; the reference has no proximal step) adds the block soft-threshold
   `prox_group_lasso` after each optimiser step with threshold `prox_lr * alpha`, which zeroes whole groups
-  EXACTLY; the reference's AdamW subgradient on the lasso only shrinks them. `prox_lr` is the base lr (null: the trainer's,
-  handed over at setup; the cosine-scheduled lr is never larger). `alpha_warmup_epochs` is the reference's `--warmup_alpha`
-  (alpha = 0 for that many epochs; 0 = off, the scripts' setting).
+  EXACTLY; the reference's AdamW subgradient on the lasso only shrinks them. `prox_lr` is the base lr (null: the
+  trainer's, handed over at setup; the cosine-scheduled lr is never larger). `alpha_warmup_epochs` is the
+  reference's `--warmup_alpha` (alpha = 0 for that many epochs; 0 = off, the scripts' setting).
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 import strategies
@@ -28,6 +29,7 @@ from cl.trainer_config import TrainerConfig
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 AVALANCHE = sorted(p for p in (CONFIGS / "strategy" / "avalanche").glob("*.yaml") if not p.name.startswith("_"))
+NO_AVALANCHE = "the optional extra `avalanche` is not installed: pip install -e .[avalanche]"
 OPTIM = ("epochs", "batch_size", "eval_batch_size", "optimizer", "lr", "momentum", "weight_decay")
 
 
@@ -88,7 +90,8 @@ def test_no_strategy_config_reads_trainer_values():
 
 def test_the_trainer_reads_the_strategy_train_block():
     text = (CONFIGS / "trainer" / "default.yaml").read_text()
-    assert "${oc.select:strategy.train.epochs," in text and "${strategy." not in text.replace("${oc.select:strategy.train.", "")
+    assert "${oc.select:strategy.train.epochs," in text
+    assert "${strategy." not in text.replace("${oc.select:strategy.train.", "")  # nothing but the train: block
 
 
 def test_build_hands_the_trainer_values_over_before_setup():
@@ -104,7 +107,7 @@ def test_build_hands_the_trainer_values_over_before_setup():
 
     cfg = compose_config(["scenario=digits", "trainer.lr=0.123"])
     stream = scenarios.build(cfg["scenario"])
-    strategies.REGISTRY["_probe"] = f"{__name__}:_PROBE"
+    strategies.REGISTRY["_probe"] = f"{__name__}:_PROBE"  # registered by name, as a plug-in strategy would be
     globals()["_PROBE"] = Probe
     try:
         s = strategies.build({"name": "_probe"}, backbones.build(cfg["backbone"]), stream.info, trainer=cfg["trainer"])
@@ -118,7 +121,7 @@ def test_build_hands_the_trainer_values_over_before_setup():
 
 
 def _avalanche(*overrides):
-    pytest.importorskip("avalanche", reason="the optional extra `avalanche` is not installed: pip install -e .[avalanche]")
+    pytest.importorskip("avalanche", reason=NO_AVALANCHE)
     import scenarios
     from cl import backbones
 
@@ -134,14 +137,14 @@ def test_avalanche_runs_with_the_trainer_values():
     assert {k: s.hparams[k] for k in OPTIM} == {k: cfg["trainer"][k] for k in OPTIM}
     assert (s.hparams["lr"], s.hparams["epochs"], s.hparams["batch_size"]) == (0.123, 3, 16)
     opt = s.make_optimizer(s.net.parameters())
-    assert isinstance(opt, __import__("torch").optim.SGD) and opt.param_groups[0]["lr"] == 0.123
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["lr"] == 0.123
     assert opt.param_groups[0]["momentum"] == 0.5
     _, default = _avalanche()
     assert (default.hparams["optimizer"], default.hparams["lr"], default.hparams["epochs"]) == ("adam", 0.001, 5)
 
 
 def test_an_optimisation_value_in_the_strategy_section_names_the_trainer_field():
-    pytest.importorskip("avalanche", reason="the optional extra `avalanche` is not installed: pip install -e .[avalanche]")
+    pytest.importorskip("avalanche", reason=NO_AVALANCHE)
     with pytest.raises(ConfigError, match=r"has no field 'lr' \(the trainer's: set trainer.lr\)"):
         strategies.get_class("avalanche/naive")(lr=0.1)
     with pytest.raises(ConfigError, match="did you mean 'strategy.train.lr'"):
@@ -164,7 +167,6 @@ def test_mos_takes_the_trainers_weight_decay_for_classifier_alignment():
 
 
 def test_gs_lora_takes_the_trainers_lr_for_its_proximal_step():
-    import torch
     from test_gs_lora import _stream  # the tiny forgetting stream
 
     from cl.backbones import Backbone
@@ -265,7 +267,8 @@ def old_configs(tmp_path_factory) -> Path:
                  if not line.startswith(("defaults:", "  - avalanche/_base", "  - _self_"))]
         (root / "strategy" / "avalanche" / p.name).write_text("".join(lines) + OLD_AVALANCHE_TAIL)
     (root / "strategy" / "gs_lora_pp.yaml").write_text(OLD_GS_LORA_PP)
-    for name, key, value in (("gs_lora", "prox_lr", "${trainer.lr}"), ("mos", "ca_weight_decay", "${trainer.weight_decay}")):
+    for name, key, value in (("gs_lora", "prox_lr", "${trainer.lr}"),
+                             ("mos", "ca_weight_decay", "${trainer.weight_decay}")):
         path = root / "strategy" / f"{name}.yaml"
         lines = [f"{key}: {value}\n" if line.startswith(f"{key}:") else line
                  for line in path.read_text().splitlines(keepends=True)]
