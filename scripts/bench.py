@@ -189,7 +189,7 @@ def mos_eval(s: dict, device: torch.device, repeats: int = 5) -> tuple[float, fl
     cfg = compose_config(_overrides("mos", s, device, Path(".")))
     stream = scenarios.build(cfg["scenario"])
     bb = build_backbone(cfg["backbone"])
-    mos = strategies.build(cfg["strategy"], bb, stream.info).to(device)
+    mos = strategies.build(cfg["strategy"], bb, stream.info, trainer=cfg["trainer"]).to(device)
     with torch.no_grad():
         for t in range(s["tasks"]):
             mos.observe_classes(stream[t])

@@ -25,7 +25,7 @@ def load_presets(folder: Path) -> dict[str, dict]:
     with initialize_config_dir(str(folder.parent), version_base=None):
         for f in sorted(folder.glob("*.yaml")):
             try:
-                cfg = OmegaConf.to_container(compose("config", [f"+experiment={f.stem}"]), resolve=False)
+                cfg = OmegaConf.to_container(compose("config", [f"experiment={f.stem}"]), resolve=False)
             except Exception as e:  # a preset another engineer is still writing must not hide the rest
                 print(f"skipping preset {f.stem}: {str(e).splitlines()[0]}", file=sys.stderr)
                 continue

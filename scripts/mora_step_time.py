@@ -39,7 +39,7 @@ def _build(tasks: int, rank: int, plain: bool = False, experts: bool = True):
                           "scenario.limit_per_class=2", "trainer.device=cpu", f"strategy.rank={rank}", f"strategy.topk={rank}"])
     stream = scenarios.build(cfg["scenario"])
     torch.manual_seed(0)
-    s = strategies.build(cfg["strategy"], build(cfg["backbone"]), stream.info)
+    s = strategies.build(cfg["strategy"], build(cfg["backbone"]), stream.info, trainer=cfg["trainer"])
     if plain:  # routing off: every expert weighted 1
         for layer in s.experts:
             layer.gate = lambda z: torch.ones_like(z)

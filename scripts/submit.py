@@ -133,9 +133,9 @@ def main(argv=None) -> int:
         return 1 if failed else 0
     if not a.overrides:
         ap.error("give the run.py overrides of the sweep, e.g. strategy=finetune,simplecil seed=0,1")
-    from cl.app.cli import check_group_overrides, normalize_overrides
+    from cl.app.cli import check_group_overrides
 
-    overrides = normalize_overrides(a.overrides)
+    overrides = list(a.overrides)
     problem = check_group_overrides(overrides)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Strategy registry: `strategies.build(cfg.strategy, backbone, stream.info)`.
+"""Strategy registry: `strategies.build(cfg.strategy, backbone, stream.info, trainer=cfg.trainer)`.
 
 No hand-kept table: a strategy is found by the `name = "..."` its class declares at class level in a module of
 this package (found by scanning the source, so that no module, and none of its optional dependencies, is
@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from cl.engine import entry_points as plugins
 from cl.engine.errors import ConfigError
 from cl.engine.strategy import Strategy
+from cl.engine.trainer_config import TrainerConfig
 
 _CLASS = re.compile(r"class\s+(\w+)\b")
 _NAME = re.compile(r"""    name\s*=\s*(["'])([^"']+)\1\s*(#.*)?$""")
@@ -111,11 +112,15 @@ def check_backbone(name: str, params: Mapping[str, Any], backbone) -> None:
                           f"vit-b16 or vit-b16-in21k{hint}")
 
 
-def build(cfg: Mapping[str, Any], backbone, info) -> Strategy:
+def build(cfg: Mapping[str, Any], backbone, info, trainer: TrainerConfig | Mapping[str, Any] | None = None) -> Strategy:
+    """The strategy, set up. `trainer` (the run's `trainer:` section or its TrainerConfig; None: the trainer
+    default) is handed over as `strategy.trainer_cfg` before `setup`: values go trainer -> strategy, never back."""
     params = {k: v for k, v in dict(cfg).items() if k not in ("name", "train")}
     cls = get_class(cfg["name"])
     check_supported(cfg["name"], info.kind)
     check_backbone(cfg["name"], params, backbone)
     strategy = cls(**params)
+    if trainer is not None:
+        strategy.trainer_cfg = trainer if isinstance(trainer, TrainerConfig) else TrainerConfig.from_mapping(trainer)
     strategy.setup(backbone, info)
     return strategy

@@ -8,6 +8,10 @@ experience:
     avalanche_strategy.train(that experience)        # Avalanche's epochs, mini-batches and plugins
     predict(x) = the Avalanche model in eval mode     # logits over all info.n_classes global ids
 
+Avalanche's loop gets the trainer's optimisation settings (`OPTIM_FIELDS`: epochs, batch sizes, optimizer, lr,
+momentum, weight decay) from `trainer_cfg`, handed over before `setup`; the strategy configs hold only Avalanche's
+own hyperparameters (and the shared `train:` block the trainer reads, configs/strategy/avalanche/_base.yaml).
+
 The model Avalanche trains is the clbench backbone plus a linear head over all `n_classes` (Avalanche's examples
 use a fixed-size head as well); iCaRL gets the same pieces as its `feature_extractor` and `classifier`.
 Avalanche is imported only here and only when a strategy is built (`pip install -e .[avalanche]`).
@@ -59,6 +63,10 @@ class _Net(nn.Module):
         return self.head(self.backbone(x))
 
 
+# The trainer's settings Avalanche's own loop runs with (read from `trainer_cfg`, never from the strategy config).
+OPTIM_FIELDS = ("epochs", "batch_size", "eval_batch_size", "optimizer", "lr", "momentum", "weight_decay")
+
+
 class AvalancheStrategy(Strategy):
     """Base of the bridge: subclasses name the Avalanche class and its hyperparameters."""
 
@@ -68,23 +76,22 @@ class AvalancheStrategy(Strategy):
     # config field -> Avalanche keyword
     strategy_fields: tuple[str, ...] = ()
 
-    def __init__(self, optimizer: str = "sgd", lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
-                 epochs: int = 1, batch_size: int = 32, eval_batch_size: int = 256, **hparams: Any):
+    def __init__(self, **hparams: Any):
         missing = [f for f in self.strategy_fields if f not in hparams]
         unknown = [k for k in hparams if k not in self.strategy_fields]
         if unknown:
-            raise ConfigError(f"strategy {self.name} has no field {unknown[0]!r}: its fields are "
-                              f"{', '.join(('optimizer', 'lr', 'momentum', 'weight_decay', 'epochs', 'batch_size', 'eval_batch_size', *self.strategy_fields))}")
+            trainer = f" (the trainer's: set trainer.{unknown[0]})" if unknown[0] in OPTIM_FIELDS else ""
+            raise ConfigError(f"strategy {self.name} has no field {unknown[0]!r}{trainer}: its fields are "
+                              f"{', '.join(self.strategy_fields) or 'none'}")
         if missing:
             raise ConfigError(f"strategy {self.name} needs {missing[0]!r}: set it in configs/strategy/{self.name}.yaml")
-        if optimizer not in ("sgd", "adam", "adamw"):
-            raise ConfigError(f"strategy {self.name}: optimizer must be sgd, adam or adamw, got {optimizer!r}")
-        super().__init__(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, epochs=epochs,
-                         batch_size=batch_size, eval_batch_size=eval_batch_size, **hparams)
+        super().__init__(**hparams)
         self.av = None  # the Avalanche strategy, built on the first experience (it needs the device)
 
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)
+        # What Avalanche's loop will run with, recorded beside the strategy's own values (result: strategy_info).
+        self.hparams.update({k: getattr(self.trainer_cfg, k) for k in OPTIM_FIELDS})
         import_avalanche()  # here, so that its import time is not counted as the first experience's training time
         self.head = nn.Linear(backbone.feature_dim, info.n_classes)
         self.net = _net_class()(backbone, self.head)

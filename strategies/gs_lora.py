@@ -42,9 +42,9 @@ Differences from the reference code, and why:
   never used for the next request.
 - `group_prox: true` (off by default; the reference has no proximal step) adds the block soft-threshold
   `prox_group_lasso` after each optimiser step with threshold `prox_lr * alpha`, which zeroes whole groups
-  EXACTLY; the reference's AdamW subgradient on the lasso only shrinks them. `prox_lr` is the base lr (the
-  cosine-scheduled lr is never larger). `alpha_warmup_epochs` is the reference's `--warmup_alpha`
-  (alpha = 0 for that many epochs; 0 = off, the scripts' setting).
+  EXACTLY; the reference's AdamW subgradient on the lasso only shrinks them. `prox_lr` is the base lr (null: the
+  trainer's, handed over at setup; the cosine-scheduled lr is never larger). `alpha_warmup_epochs` is the
+  reference's `--warmup_alpha` (alpha = 0 for that many epochs; 0 = off, the scripts' setting).
 """
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ class GSLoRA(Strategy):
     def __init__(self, rank: int = 8, lora_alpha: float = 1.0, where: Sequence[str] = ("fc1", "fc2"),
                  bound: float = 105.0, beta: float | Sequence[float] = (0.2, 0.25, 0.25, 0.2),
                  lasso_alpha: float = 1e-4, alpha_warmup_epochs: int = 0, group_prox: bool = False,
-                 prox_lr: float = 1e-2, val_every: int = 100, prototype: bool = False,
+                 prox_lr: float | None = None, val_every: int = 100, prototype: bool = False,
                  pro_f_weight: float | Sequence[float] = 0.01, pro_r_weight: float = 0.0, bound_pro: float = 50.0,
                  forget_seed: int = 0, **hparams: Any):
         if hparams:
@@ -182,7 +182,8 @@ class GSLoRA(Strategy):
         self.bound, self.lasso_alpha = float(bound), float(lasso_alpha)
         self.betas = [float(b) for b in (beta if isinstance(beta, (list, tuple)) else [beta])]
         self.pro_f = [float(w) for w in (pro_f_weight if isinstance(pro_f_weight, (list, tuple)) else [pro_f_weight])]
-        self.alpha_warmup_epochs, self.group_prox, self.prox_lr = int(alpha_warmup_epochs), bool(group_prox), float(prox_lr)
+        self.alpha_warmup_epochs, self.group_prox = int(alpha_warmup_epochs), bool(group_prox)
+        self.prox_lr = None if prox_lr is None else float(prox_lr)  # None: the trainer's lr, taken in setup
         self.val_every, self.prototype = int(val_every), bool(prototype)
         self.pro_r, self.bound_pro = float(pro_r_weight), float(bound_pro)
         self.forget_seed = int(forget_seed)
@@ -194,6 +195,9 @@ class GSLoRA(Strategy):
         from cl.models.heads import check_forgetting_backbone  # the kind's contract: a trained head
 
         super().setup(backbone, info)
+        if self.prox_lr is None:
+            self.prox_lr = float(self.trainer_cfg.lr)
+            self.hparams["prox_lr"] = self.prox_lr
         check_forgetting_backbone(backbone)
         for p in backbone.parameters():
             p.requires_grad_(False)

@@ -71,7 +71,7 @@ class MOS(Strategy):
 
     def __init__(self, ffn_num: int = 16, adapter_scale: float = 0.1, adapter_dropout: float = 0.1,
                  reg: float = 0.1, adapter_momentum: float = 0.1, pull: str = "reference", ensemble: bool = True,
-                 crct_epochs: int = 30, ca_lr: float = 0.005, ca_weight_decay: float = 5e-4,
+                 crct_epochs: int = 30, ca_lr: float = 0.005, ca_weight_decay: float | None = None,
                  ca_samples_factor: int = 5, ca_storage: str = "covariance", max_refine: int = 4,
                  orth_temperature: float = 0.8, eval_batch_size: int = 128, batched_eval: bool = True,
                  **hparams):
@@ -89,6 +89,8 @@ class MOS(Strategy):
     # --- set-up ----------------------------------------------------------------------------------
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)
+        if self.h["ca_weight_decay"] is None:  # the reference hands the task's weight decay to the CA optimiser
+            self.h["ca_weight_decay"] = self.trainer_cfg.weight_decay
         backbone.requires_grad_(False)
         vit = backbone.model
         self.blocks = peft.wrap_blocks(vit)

@@ -29,7 +29,7 @@ sets `uses_sgd = False` and runs each through the trainer's optimisation routine
 cl/engine/phases.py), which also owns autocast, the loss checks, the progress bar and the stop checks. Per phase SEMA
 sets the lr, the epochs (`func_epoch`, `rd_epoch`), the weight decay and optionally `limit_train_batches`
 (null: the trainer's); momentum, `min_lr` and precision are the trainer's. `configs/strategy/sema.yaml` defaults
-`func_epoch`, `func_lr` and `weight_decay` to the trainer's, so `trainer.epochs=...` applies to the functional
+`func_epoch`, `func_lr` and `weight_decay` to null, the trainer's (`trainer_cfg`), so `trainer.epochs=...` applies to the functional
 phase (the RD phase keeps `rd_epoch`, `rd_lr`).
 `adapt_start_layer`/`adapt_end_layer` may count from the end (-3..-1 = the reference's 9..11 of 12 blocks).
 
@@ -185,15 +185,15 @@ class SEMA(Strategy):
 
     def __init__(self, ffn_num: int = 16, rd_dim: int = 128, buffer_size: int = 500, detect_batch_size: int = 128,
                  exp_threshold: float = 2.0, adapt_start_layer: int = 9, adapt_end_layer: int = 11,
-                 func_epoch: int = 5, rd_epoch: int = 20, func_lr: float = 0.005, rd_lr: float = 0.01,
-                 weight_decay: float = 5e-4, limit_train_batches: int | None = None, **hparams):
+                 func_epoch: int | None = None, rd_epoch: int = 20, func_lr: float | None = None, rd_lr: float = 0.01,
+                 weight_decay: float | None = None, limit_train_batches: int | None = None, **hparams):
         super().__init__(ffn_num=ffn_num, rd_dim=rd_dim, buffer_size=buffer_size,
                          detect_batch_size=detect_batch_size, exp_threshold=exp_threshold,
                          adapt_start_layer=adapt_start_layer, adapt_end_layer=adapt_end_layer, func_epoch=func_epoch,
                          rd_epoch=rd_epoch, func_lr=func_lr, rd_lr=rd_lr, weight_decay=weight_decay,
                          limit_train_batches=limit_train_batches, **hparams)
         for key in ("func_epoch", "rd_epoch"):
-            if int(self.hparams[key]) < 0:
+            if self.hparams[key] is not None and int(self.hparams[key]) < 0:
                 raise ConfigError(f"sema.{key} must be >= 0, got {self.hparams[key]}")
         if limit_train_batches is not None and int(limit_train_batches) < 1:
             raise ConfigError(f"sema.limit_train_batches must be at least 1 or null, got {limit_train_batches}")
@@ -204,6 +204,10 @@ class SEMA(Strategy):
     # --- set-up ----------------------------------------------------------------------------------
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)
+        # null: the trainer's value (handed over as trainer_cfg; recorded here so strategy_info shows what ran)
+        for key, field in (("func_epoch", "epochs"), ("func_lr", "lr"), ("weight_decay", "weight_decay")):
+            if self.h[key] is None:
+                self.h[key] = getattr(self.trainer_cfg, field)
         backbone.requires_grad_(False)
         vit = backbone.model
         blocks = peft.wrap_blocks(vit)

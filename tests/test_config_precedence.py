@@ -75,7 +75,7 @@ def test_the_command_line_and_debug_still_win():
         cfg = compose_config([f"scenario={scenario}", "strategy=cotta", "trainer.batch_size=7"])
         assert cfg["trainer"]["batch_size"] == 7
     assert compose_config(["scenario=cifar10-c", "strategy=tent", "debug=fast"])["trainer"]["batch_size"] == 16
-    cfg = compose_config(["+experiment=ecotta_cifar10c", "trainer.batch_size=3"])  # the command line over a preset
+    cfg = compose_config(["experiment=ecotta_cifar10c", "trainer.batch_size=3"])  # the command line over a preset
     assert cfg["trainer"]["batch_size"] == 3
 
 
@@ -87,5 +87,5 @@ PRESETS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")
 @pytest.mark.parametrize("preset", PRESETS)
 def test_an_experiment_preset_wins_over_its_scenario(preset):
     want = OmegaConf.to_container(OmegaConf.load(CONFIGS / "experiment" / f"{preset}.yaml").trainer)
-    cfg = compose_config([f"+experiment={preset}"])
+    cfg = compose_config([f"experiment={preset}"])
     assert {k: cfg["trainer"][k] for k in want} == want

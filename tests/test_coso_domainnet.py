@@ -77,7 +77,7 @@ def test_missing_images_and_bad_targets_are_named(tmp_path):
     ("coso_domainnet", (69, 69), 70, 160, 20, (0.0001, 0.0005), 5),
 ])
 def test_presets_pin_the_reference_settings(preset, tasks, r1, r2, gap, lrs, epochs):
-    cfg = compose_config([f"+experiment={preset}"])
+    cfg = compose_config([f"experiment={preset}"])
     s, st, t = cfg["scenario"], cfg["strategy"], cfg["trainer"]
     assert (s["init_cls"], s["increment"], s["shuffle"]) == (*tasks, False)
     assert (st["proj_rank"], st["sketch_rank"], st["update_gap"], st["lr"], st["fc_lr"]) == (r1, r2, gap, *lrs)

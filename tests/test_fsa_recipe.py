@@ -154,9 +154,9 @@ def test_resize_needs_no_augmentation_and_an_image_reader():
 def test_presets_set_the_reference_inputs_and_efficientnet():
     from cl.models import backbones
 
-    cifar = compose_config(["+experiment=fsa_cifar100"])
-    cub = compose_config(["+experiment=fsa_cub200"])
-    vit = compose_config(["+experiment=fsa_cifar100-vit"])
+    cifar = compose_config(["experiment=fsa_cifar100"])
+    cub = compose_config(["experiment=fsa_cub200"])
+    vit = compose_config(["experiment=fsa_cifar100-vit"])
     assert (cifar["scenario"]["resize"], cifar["scenario"]["augment"], cifar["backbone"]["normalize"]) == \
         ("lanczos", "none", "imagenet")
     assert (cub["scenario"]["resize"], cub["scenario"]["augment"], cub["backbone"]["normalize"]) == \

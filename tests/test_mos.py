@@ -17,7 +17,7 @@ def build_mos(*overrides):
                           "trainer.device=cpu", *overrides])
     torch.manual_seed(0)
     stream = scenarios.build(cfg["scenario"])
-    mos = strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info)
+    mos = strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info, trainer=cfg["trainer"])
     return cfg, stream, mos
 
 

@@ -26,7 +26,7 @@ def mos_three_sets():
                           "trainer.device=cpu"])
     torch.manual_seed(0)
     stream = scenarios.build(cfg["scenario"])
-    mos = strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info)
+    mos = strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info, trainer=cfg["trainer"])
     with torch.no_grad():
         for t in range(3):
             mos.observe_classes(stream[t])

@@ -270,7 +270,7 @@ def both():
                           f"trainer.weight_decay={WD}", "strategy.crct_epochs=0"])
     torch.manual_seed(0)
     stream = scenarios.build(cfg["scenario"])
-    mos = strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info)
+    mos = strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info, trainer=cfg["trainer"])
     trainer = Trainer(TrainerConfig.from_mapping(cfg["trainer"]))
     with torch.no_grad():  # a non-zero start (up-projections are zero-initialised): every block's adapter matters
         for a in mos.cur_adapter:
@@ -460,7 +460,7 @@ def test_classifier_alignment_matches_the_reference_given_the_same_draws(monkeyp
                           "strategy.crct_epochs=3", "strategy.ca_lr=0.05"])
     torch.manual_seed(0)
     stream = scenarios.build(cfg["scenario"])
-    mos = strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info)
+    mos = strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info, trainer=cfg["trainer"])
     d, seen, per_class, wd = mos.backbone.feature_dim, [0, 3, 5, 6], 8, mos.h["ca_weight_decay"]
     g = torch.Generator().manual_seed(1)
     for c in seen:

@@ -38,7 +38,7 @@ def build(strategy: str, *overrides: str, seed: int = 0):
                           "trainer.device=cpu", *overrides])
     torch.manual_seed(seed)
     stream = scenarios.build(cfg["scenario"])
-    s = strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info)
+    s = strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info, trainer=cfg["trainer"])
     trainer = Trainer(TrainerConfig.from_mapping(cfg["trainer"]))
     return cfg, stream, s, trainer
 

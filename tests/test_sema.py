@@ -28,7 +28,7 @@ def build(*overrides):
                           "trainer.device=cpu", "strategy.rd_dim=16", *overrides])
     torch.manual_seed(0)
     stream = scenarios.build(cfg["scenario"])
-    return cfg, stream, strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info)
+    return cfg, stream, strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info, trainer=cfg["trainer"])
 
 
 def images(dataset, n=64):
@@ -138,7 +138,7 @@ def test_expanded_structure_is_rebuilt_on_load():
     x = torch.rand(4, 3, 32, 32)
     expected = sema.predict(x)
     torch.manual_seed(1)
-    fresh = strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info)
+    fresh = strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info, trainer=cfg["trainer"])
     fresh.load_state_dict(sema.state_dict())
     fresh.eval()
     assert fresh.adapters_per_block() == [1, 1, 3, 2]

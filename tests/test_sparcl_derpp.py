@@ -64,7 +64,7 @@ def test_cifar_presets_normalise_with_the_reference_statistics():
 
     for preset, norm in (("sparcl_cifar10", "cifar10"), ("derpp_cifar10", "cifar10"),
                          ("sparcl_tiny-imagenet", "tiny-imagenet")):
-        assert compose_config([f"+experiment={preset}"])["backbone"]["normalize"] == norm
+        assert compose_config([f"experiment={preset}"])["backbone"]["normalize"] == norm
     assert NORMALIZATIONS["cifar10"] == ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2615))  # seq_cifar10.py:65-66
     assert compose_config(["strategy=derpp", "scenario=synthetic", "backbone=resnet18-tiny"])["backbone"][
         "normalize"] == "none"  # other streams are untouched

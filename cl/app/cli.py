@@ -54,6 +54,8 @@ def check_group_overrides(argv: Sequence[str], config_dir: Path | None = None) -
 def _check_group_overrides(argv: Sequence[str], config_dir: Path | None) -> str | None:
     for arg in argv:
         key, sep, value = arg.partition("=")
+        if sep and key.startswith("+") and key.lstrip("+") in CHECKED_GROUPS:
+            return appended_group_message(key.lstrip("+"), value)
         key = key.lstrip("+~")
         if not sep or key not in CHECKED_GROUPS or value in ("", "null"):
             continue
@@ -68,10 +70,11 @@ def _check_group_overrides(argv: Sequence[str], config_dir: Path | None) -> str 
     return None
 
 
-def normalize_overrides(argv: Sequence[str]) -> list[str]:
-    """`experiment=x` -> `+experiment=x`: presets are appended to the defaults list (the lightning-hydra-template
-    spelling and the `+` spelling both work)."""
-    return [f"+{a}" if a.startswith("experiment=") else a for a in argv]
+def appended_group_message(group: str, value: str) -> str:
+    """`+experiment=x` (the spelling from before `experiment` was in configs/config.yaml's defaults list): Hydra
+    would say "Multiple values for experiment"; this names the fix."""
+    return (f"{shown(f'+{group}={value}')}: '{group}' is already in the defaults list (configs/config.yaml), so it "
+            f"is chosen without the '+': write {shown(f'{group}={value}')}")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -85,7 +88,6 @@ def compose_config(overrides: Sequence[str] = ()) -> dict:
     Every composition problem is a `ConfigError` with a one-line message, as on the command line."""
     from cl.engine.errors import ConfigError
 
-    overrides = normalize_overrides(overrides)
     message = check_group_overrides(overrides)
     if message:
         raise ConfigError(message)
@@ -208,6 +210,11 @@ def explain_config_error(exc: BaseException, overrides: Sequence[str] = ()) -> s
                 hint = f" ('{parent}' holds: {', '.join(below[:15])}{', ...' if len(below) > 15 else ''})"
         return (f"unknown config key {shown(key)}{hint}: fix the spelling, or write {shown(f'+{key}={value}')} to add "
                 f"a new key on purpose")
+    m = re.search(r"Multiple values for (\S+?)\. To override", text)
+    if m:  # `+group=x` for a group of the defaults list (check_group_overrides catches the known groups first)
+        group = m.group(1)
+        value = next((a.partition("=")[2] for a in overrides if a.partition("=")[0].lstrip("+") == group), "...")
+        return appended_group_message(group, value)
     m = re.search(r"An item is already at '([^']+)'", text)
     if m:
         key = m.group(1)

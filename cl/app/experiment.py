@@ -282,7 +282,7 @@ def _run_locked(run: Run, cfg: dict, tcfg: TrainerConfig, stop: StopSignals, out
     with bad_images_policy(cfg["scenario"].get("bad_images", "fail")) as bad_images:
         stream = scenarios.build(cfg["scenario"], data_root=data_root)
     backbone = _build_backbone(cfg["backbone"])
-    strategy = strategies.build(cfg["strategy"], backbone, stream.info)
+    strategy = strategies.build(cfg["strategy"], backbone, stream.info, trainer=tcfg)
     frozen = FrozenReference(strategy, backbone.weights_id)  # checkpoints reference what stays as built
     trainer = Trainer(tcfg, log=run.dir.log_event)
     trainer.should_stop = stop

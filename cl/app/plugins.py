@@ -117,7 +117,10 @@ def group_options(group: str, dirs: Iterable[Path]) -> list[str]:
     for root in dirs:
         base = Path(root) / group
         if base.is_dir():
-            names.update(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml"))
+            # files whose name starts with `_` (configs/strategy/avalanche/_base.yaml) are shared parts that other
+            # configs include through their defaults list, not choices
+            names.update(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml")
+                         if not p.name.startswith("_"))
     return sorted(names)
 
 

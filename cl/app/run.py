@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cl.app import plugins
-from cl.app.cli import CONFIG_DIR, check_group_overrides, explain_config_error, fail, is_config_error, normalize_overrides
+from cl.app.cli import CONFIG_DIR, check_group_overrides, explain_config_error, fail, is_config_error
 
 
 class _TaskError(Exception):
@@ -90,7 +90,6 @@ def main() -> None:
     if len(sys.argv) == 1:
         plugins.register_config_search_path()
         _compare()
-    sys.argv[1:] = normalize_overrides(sys.argv[1:])
     problem = check_group_overrides(sys.argv[1:])
     if problem:
         fail(problem)

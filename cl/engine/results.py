@@ -42,6 +42,36 @@ NON_SEMANTIC_KEYS = ("results_root", "data_root", "hydra", "trainer.progress", "
                      "compare")
 
 
+# Trainer values that strategy configs copied back before issue 22 (`lr: ${trainer.lr}`): the strategies now receive
+# them from the trainer at setup (`Strategy.trainer_cfg`), so their sections no longer hold them (absent, or null for
+# "the trainer's"). The hash puts the copies back (strategy key <- trainer key, where the strategy's value is absent
+# or null), so the composed config hashes as its old form did and every run directory made before keeps its name
+# (tests/test_run_hash_stable.py pins every strategy's and preset's hash from before the change). A literal value
+# (`strategy.ca_weight_decay=0.01`) is kept as it is, as before. Keys: a strategy name, or a prefix ending in '/'.
+_AVALANCHE = ("epochs", "batch_size", "eval_batch_size", "optimizer", "lr", "momentum", "weight_decay")
+LEGACY_TRAINER_COPIES: dict[str, dict[str, str]] = {
+    "avalanche/": {k: k for k in _AVALANCHE},
+    "mos": {"ca_weight_decay": "weight_decay"},
+    "gs_lora": {"prox_lr": "lr"},
+    "gs_lora_pp": {"prox_lr": "lr"},
+    # SEMA's seven copies (configs/strategy/sema.yaml before issue 22)
+    "sema": {"func_epoch": "epochs", "func_lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
+             "min_lr": "min_lr", "limit_train_batches": "limit_train_batches", "precision": "precision"},
+}
+
+
+def _put_back_trainer_copies(clean: dict) -> None:
+    strategy, trainer = clean.get("strategy"), clean.get("trainer")
+    if not isinstance(strategy, dict) or not isinstance(trainer, dict):
+        return
+    name = str(strategy.get("name", ""))
+    for key, copies in LEGACY_TRAINER_COPIES.items():
+        if name == key or (key.endswith("/") and name.startswith(key)):
+            for skey, tkey in copies.items():
+                if strategy.get(skey) is None and tkey in trainer:
+                    strategy[skey] = trainer[tkey]
+
+
 def _drop(cfg: dict, dotted: str) -> None:
     head, _, rest = dotted.partition(".")
     if rest:
@@ -54,6 +84,7 @@ def _drop(cfg: dict, dotted: str) -> None:
 def config_hash(cfg: Mapping[str, Any], length: int = 16) -> str:
     """Hash of the resolved config minus `NON_SEMANTIC_KEYS`: the same experiment maps to the same directory."""
     clean = json.loads(json.dumps(cfg, default=str))
+    _put_back_trainer_copies(clean)  # before the trainer's non-semantic keys are dropped (none is copied, but safe)
     for key in NON_SEMANTIC_KEYS:
         _drop(clean, key)
     trainer = clean.get("trainer")

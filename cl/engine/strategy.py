@@ -17,6 +17,8 @@ A strategy that does not learn by SGD sets `uses_sgd = False` and overrides `fit
 several optimisation phases (SEMA's functional and descriptor phases, MOS's classifier alignment) runs each through
 `self.optimiser(device).phase(step, data, ...)`, the trainer's routine (cl/engine/phases.py: optimiser and schedule from
 the trainer config, autocast, loss checks, progress bar, stop checks), never a loop of its own.
+Trainer values reach a strategy one way only: `trainer_cfg` (the run's `TrainerConfig`) is set before `setup`; strategy
+configs never copy `trainer.*` (the trainer reads the strategy's `train:` block, configs/trainer/default.yaml).
 The strategy is an `nn.Module`, so its state is its modules' tensors plus `get_extra_state()`; a strategy
 that grows structure (a head or adapter per task) must rebuild it in `load_state_dict` before loading.
 """
@@ -30,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cl.engine.stream import Experience, Stream, StreamInfo
+from cl.engine.trainer_config import TrainerConfig
 
 
 @dataclass
@@ -63,6 +66,12 @@ class Strategy(nn.Module):
     # The batch size the trainer evaluates this strategy with; None: `trainer.eval_batch_size`. For a strategy
     # whose scores depend on how the test set is batched (MOS's reference pulls rewrite state per test batch).
     test_batch_size: int | None = None
+    # The run's trainer settings, set by `strategies.build(..., trainer=...)` before `setup` (run_experiment passes the
+    # TrainerConfig its Trainer runs with; `setup` fills in the trainer default when nobody did). For a strategy that
+    # runs its own loop (Avalanche's) or derives a hyperparameter from the trainer's (MOS's CA weight decay, GS-LoRA's
+    # proximal lr): it reads them here rather than interpolating `${trainer.*}` into its config, which made values
+    # go round in a circle (the trainer reads `strategy.train.*`).
+    trainer_cfg: TrainerConfig | None = None
 
     def __init__(self, **hparams: Any):
         super().__init__()
@@ -72,6 +81,8 @@ class Strategy(nn.Module):
 
     # --- lifecycle -------------------------------------------------------------------------------
     def setup(self, backbone: nn.Module, info: StreamInfo) -> None:
+        if self.trainer_cfg is None:
+            self.trainer_cfg = TrainerConfig()
         self.backbone = backbone
         self.info = info
         # The pre-trained model's own size, taken before any PEFT module is inserted into it: everything
