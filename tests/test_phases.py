@@ -139,7 +139,7 @@ def test_sema_stops_within_a_step_of_a_stop_during_its_functional_phase():
     cfg = compose_config([*SEMA, "trainer.progress=false", "trainer.device=cpu"])
     torch.manual_seed(0)
     stream = scenarios.build(cfg["scenario"])
-    sema = strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info)
+    sema = strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info, trainer=cfg["trainer"])
     forwards = []
     # one training-mode head forward per functional step
     sema.head.register_forward_hook(lambda m, *a: forwards.append(1) if m.training else None)

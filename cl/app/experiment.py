@@ -26,7 +26,7 @@ import torch
 import scenarios
 import strategies
 from scenarios.datasets.imagefolder import BAD_IMAGE_POLICIES, bad_images_policy
-from cl.models import backbones
+from cl.app.registry import build_backbone
 from cl.engine.errors import BackboneError, ConfigError, RunInterrupted
 from cl.engine.frozen_refs import FrozenReference
 from cl.engine.progress import matrix_table

@@ -40,6 +40,7 @@ from cl.engine.data import WithExtras, make_loader, to_model_input, unit_float
 from cl.engine.errors import ConfigError, NonFiniteLossError, RunInterrupted  # noqa: F401  (re-exported)
 from cl.engine.feature_cache import FeatureCache
 from cl.engine.online import ExperienceOutcome, OnlineLoop
+from cl.engine.phases import Optimiser, build_optimizer, make_scheduler  # noqa: F401  (make_scheduler re-exported)
 from cl.engine.progress import progress_bar, set_experience, stop_checks
 from cl.engine.strategy import Batch, Strategy
 from cl.engine.stream import Stream

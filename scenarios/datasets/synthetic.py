@@ -12,6 +12,8 @@ So `difficulty` makes the pre-trained-model methods separate: see docs/tiny_vit.
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import numpy as np
 
 from cl.engine.errors import ConfigError
