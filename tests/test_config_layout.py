@@ -94,10 +94,12 @@ def test_the_trainer_reads_the_strategy_train_block():
     assert "${strategy." not in text.replace("${oc.select:strategy.train.", "")  # nothing but the train: block
 
 
-def test_build_hands_the_trainer_values_over_before_setup():
+def test_build_hands_the_trainer_values_over_before_setup(monkeypatch):
     seen = {}
 
     class Probe(strategies.Strategy):
+        name = "_probe"
+
         def setup(self, backbone, info):
             seen["at_setup"] = self.trainer_cfg
             super().setup(backbone, info)
@@ -107,12 +109,9 @@ def test_build_hands_the_trainer_values_over_before_setup():
 
     cfg = compose_config(["scenario=digits", "trainer.lr=0.123"])
     stream = scenarios.build(cfg["scenario"])
-    strategies.REGISTRY["_probe"] = f"{__name__}:_PROBE"  # registered by name, as a plug-in strategy would be
-    globals()["_PROBE"] = Probe
-    try:
-        s = strategies.build({"name": "_probe"}, backbones.build(cfg["backbone"]), stream.info, trainer=cfg["trainer"])
-    finally:
-        del strategies.REGISTRY["_probe"]
+    monkeypatch.setattr(strategies, "get_class", lambda name: Probe)  # resolved by name, as a plug-in would be
+    monkeypatch.setattr(strategies, "check_supported", lambda name, kind: None)
+    s = strategies.build({"name": "_probe"}, backbones.build(cfg["backbone"]), stream.info, trainer=cfg["trainer"])
     assert isinstance(seen["at_setup"], TrainerConfig) and seen["at_setup"].lr == 0.123 and s.trainer_cfg.lr == 0.123
     # a strategy set up without one gets the trainer default
     bare = Probe()
