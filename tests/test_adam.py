@@ -10,6 +10,8 @@ from cl import backbones
 from cl.cli import compose_config
 from cl.trainer import Trainer, TrainerConfig
 
+pytestmark = pytest.mark.unit
+
 
 def build(*overrides):
     cfg = compose_config(["strategy=adam", "scenario=synthetic", "debug=fast", "trainer.progress=false",
@@ -60,6 +62,7 @@ def test_every_peft_variant_trains_only_its_parameters(kind):
     assert not any(p.requires_grad for p in aper.backbone.parameters())
 
 
+@pytest.mark.e2e
 def test_adam_beats_finetune_end_to_end(compose, run_quiet):
     results = {}
     for strategy in ("adam", "finetune"):

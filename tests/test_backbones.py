@@ -5,6 +5,8 @@ from cl import backbones
 from cl.cli import compose_config
 from cl.errors import BackboneError, ConfigError
 
+pytestmark = pytest.mark.unit
+
 
 def backbone_cfg(name: str) -> dict:
     return compose_config([f"backbone={name}"])["backbone"]

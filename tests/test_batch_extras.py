@@ -16,6 +16,8 @@ from scenarios.cifar10 import SmallImageDataset
 from scenarios.imagefolder import ImageFolderDataset
 from scenarios.subset import TargetSubset
 
+pytestmark = pytest.mark.unit
+
 
 class Flat(nn.Module):
     input_size, in_chans, feature_dim = 8, 3, 3 * 8 * 8

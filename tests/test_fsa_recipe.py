@@ -20,6 +20,8 @@ from scenarios.cifar import CifarDataset
 from scenarios.fscil import apply_resize, build_fscil
 from scenarios.imagefolder import ImageFolderDataset
 
+pytestmark = pytest.mark.unit
+
 
 # --- the multistep schedule -------------------------------------------------------------------------------------
 class Quadratic(Strategy):

@@ -17,6 +17,8 @@ from scenarios.forgetting import build_forgetting, from_history
 from scenarios.synthetic_forget import make_vit
 from strategies.gs_lora import ForgetCycle, GSLoRA, bounded_forget_loss, group_norms, prototype_kl
 
+pytestmark = pytest.mark.unit
+
 SYN = {"n_classes": 6, "image_size": 32, "train_per_class": 10, "test_per_class": 4, "seed": 0}
 
 
@@ -145,6 +147,7 @@ def _run(compose, run_quiet, *extra, strategy="gs_lora"):
     return r["metrics"]
 
 
+@pytest.mark.e2e
 def test_the_issue_command_runs_and_forgetting_starts(compose, run_quiet):
     """The bare `strategy=gs_lora scenario=synthetic-forget debug=fast` (5 steps per request): it finishes with every
     metric, keeps the retained classes and has begun to erase (measured: forgotten 84.4 of 100, retained 100)."""
@@ -154,6 +157,7 @@ def test_the_issue_command_runs_and_forgetting_starts(compose, run_quiet):
     assert m["acc_forget"] < m["acc_original"]
 
 
+@pytest.mark.e2e
 def test_end_to_end_synthetic_forget_erases_forgotten_classes(compose, run_quiet):
     """debug=fast data with 4 epochs per request (20 AdamW steps at the reference's lr 1e-2; debug=fast alone gives
     5, too few at that lr: docs/forgetting_and_sparsity.md has the measurements): forgotten classes near zero,
@@ -164,6 +168,7 @@ def test_end_to_end_synthetic_forget_erases_forgotten_classes(compose, run_quiet
     assert m["acc_retain"] >= m["per_request"][-1]["acc_retain_before"] - 3.0
 
 
+@pytest.mark.e2e
 def test_end_to_end_gs_lora_pp_erases_forgotten_classes(compose, run_quiet):
     """GS-LoRA++ (prototype term on) on the same stream and budget."""
     m = _run(compose, run_quiet, "debug=fast", "trainer.epochs=4", strategy="gs_lora_pp")
@@ -216,6 +221,7 @@ def test_prototype_term_pushes_forget_embeddings_from_their_prototype():
         torch.testing.assert_close(s.prototypes[c], emb[ys == c].mean(0), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.e2e
 def test_interrupted_request_resumes_with_the_same_forget_batches(compose, run_quiet, monkeypatch, tmp_path):
     """SIGTERM inside request 0, then the same command: same accuracy matrix and weights as an unbroken run (the
     forget cycle's generator and position are in the partial checkpoint)."""

@@ -9,6 +9,8 @@ from cl.errors import ConfigError, DatasetError
 from cl.stream import eval_view
 from scenarios.datasets import ImageFolderDataset, read_imagefolder_split
 
+pytestmark = pytest.mark.unit
+
 CLASSES = ("cat", "dog", "fox")
 SIZE = 32
 

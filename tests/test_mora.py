@@ -9,6 +9,8 @@ from torch import nn
 
 from strategies.mora import ExpertAttention, RankOneExperts
 
+pytestmark = pytest.mark.unit
+
 
 def _layer(topk=3, threshold=0.2, tasks=2, rank=4):
     torch.manual_seed(0)
@@ -135,6 +137,7 @@ def test_bad_input_is_one_clear_error(compose):
         MoRA(targets=["qq"])
 
 
+@pytest.mark.e2e
 def test_mora_beats_finetune_on_last_accuracy(compose, run_quiet):
     """The bare commands of the issue: synthetic-xtail's default backbone is the cached "pre-trained" clip-tiny
     (configs/backbone/clip-tiny-xtail.yaml, built once per data root by scenarios/xtail_warmup.py)."""

@@ -11,6 +11,8 @@ from cl import backbones
 from cl.cli import compose_config
 from cl.trainer import Trainer, TrainerConfig
 
+pytestmark = pytest.mark.unit
+
 
 def build_mos(*overrides):
     cfg = compose_config(["strategy=mos", "scenario=synthetic", "debug=fast", "trainer.progress=false",
@@ -112,10 +114,12 @@ def mos_vs_finetune(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_mos_beats_finetune_end_to_end(mos_vs_finetune):
     assert mos_vs_finetune["mos"]["metrics"]["last_acc"] > mos_vs_finetune["finetune"]["metrics"]["last_acc"]
 
 
+@pytest.mark.e2e
 def test_mos_costs_count_its_trained_and_stored_parameters(mos_vs_finetune):
     costs = mos_vs_finetune["mos"]["costs"]["per_experience"]
     per_set = 4 * (128 * 16 + 16 + 16 * 128 + 128)  # 4 blocks of width 128, bottleneck 16
@@ -125,6 +129,7 @@ def test_mos_costs_count_its_trained_and_stored_parameters(mos_vs_finetune):
     assert [c["forward_passes_per_test_image"] for c in costs] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.e2e
 def test_mos_resumes_to_the_same_matrix(compose, run_quiet, tmp_path):
     overrides = ["strategy=mos", "scenario=synthetic", "debug=fast", "trainer.limit_train_batches=2",
                  "strategy.crct_epochs=2"]

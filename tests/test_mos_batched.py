@@ -13,6 +13,8 @@ from cl.cli import compose_config
 from cl.data import to_model_input
 from strategies.mos import StackedAdapters
 
+pytestmark = pytest.mark.unit
+
 
 def flat(adapters):
     return torch.cat([p.detach().flatten() for p in adapters.parameters()])

@@ -11,6 +11,8 @@ import torch
 
 from cl import ops
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def ext(ops_ext):  # tests/conftest.py: built cold once per session
@@ -107,6 +109,7 @@ def test_cpu_kernel_edge_cases(ext):
         ext(torch.zeros(5), torch.zeros(5), torch.zeros(5), torch.ones(4, dtype=torch.bool), 0.9, 0.5, 0)
 
 
+@pytest.mark.gpu
 def test_cuda_kernel_matches_reference():
     if not torch.cuda.is_available():
         pytest.skip("CI has no GPU")

@@ -12,6 +12,8 @@ timm = pytest.importorskip("timm")
 
 from cl import peft  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 
 def tiny_vit(seed: int = 0):
     torch.manual_seed(seed)

@@ -27,6 +27,8 @@ from cl.strategy import Batch
 from scenarios.synthetic_text import make_texts
 from strategies.slm import SLM, TaskKeys
 
+pytestmark = pytest.mark.unit
+
 
 # --- key training -------------------------------------------------------------------------------------------------
 

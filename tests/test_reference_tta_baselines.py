@@ -15,6 +15,8 @@ from cl.backbones import Backbone
 from cl.stream import StreamInfo
 from scenarios.synthetic_c import SmallResNet
 
+pytestmark = pytest.mark.unit
+
 ATOL = 1e-5
 
 

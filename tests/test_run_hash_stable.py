@@ -6,6 +6,8 @@ import pytest
 from cl.cli import compose_config
 from cl.results import config_hash
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("overrides, expected", [
     ([], "79c1314b49b7743b"),

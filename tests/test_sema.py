@@ -15,6 +15,8 @@ from scenarios import make_synthetic
 from scenarios.subset import TargetSubset
 from strategies.sema import SemaSlot
 
+pytestmark = pytest.mark.unit
+
 CPU = torch.device("cpu")
 # vit-tiny is 128 wide: an RD of width 128 could learn the identity, so the test-sized runs use 16 (768 -> 128 in
 # the reference). On a randomly initialised ViT the functional phase learns nothing in debug=fast's one epoch of
@@ -159,10 +161,12 @@ def sema_vs_finetune(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_sema_beats_finetune_end_to_end(sema_vs_finetune):
     assert sema_vs_finetune["sema"]["metrics"]["last_acc"] > sema_vs_finetune["finetune"]["metrics"]["last_acc"] + 10
 
 
+@pytest.mark.e2e
 def test_sema_reports_its_growth_and_counts_its_trained_parameters(sema_vs_finetune):
     r = sema_vs_finetune["sema"]
     growth = r["strategy_info"]["growth"]  # written after every experience: the final state
@@ -182,6 +186,7 @@ def test_sema_reports_its_growth_and_counts_its_trained_parameters(sema_vs_finet
     assert costs[-1]["added_params"] == 4 * adapter + 3 * (rd + router) + head + grown  # bookkeeping buffers not counted
 
 
+@pytest.mark.e2e
 def test_sema_resumes_to_the_same_matrix(compose, run_quiet, tmp_path, sema_vs_finetune):
     overrides = ["strategy=sema", "scenario=synthetic", "backbone=vit-tiny", "debug=fast", *SMALL]
     partial, _ = run_quiet(compose(*overrides, f"results_root={tmp_path / 'b'}", "trainer.stop_after=2"))

@@ -6,6 +6,8 @@ from torch import nn
 from scenarios.synthetic_text import make_texts
 from strategies.slm import JAReLinear, TaskKeys
 
+pytestmark = pytest.mark.unit
+
 N_TASKS = 3
 
 
@@ -98,6 +100,7 @@ def test_training_a_task_moves_only_its_slots_and_head_rows():
     assert logits.shape == (8, 4)
 
 
+@pytest.mark.e2e
 def test_slm_beats_finetune_on_synthetic_text(compose, run_quiet):
     """The issue's done-when: scenario=synthetic-text debug=fast with the bundled MiniLM, same overrides."""
     import json

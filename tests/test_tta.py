@@ -9,6 +9,8 @@ import torch
 from cl.stream import StreamInfo
 from scenarios.synthetic_c import build_source
 
+pytestmark = pytest.mark.unit
+
 STRATEGIES = [("source", ()), ("bn_adapt", ()), ("tent", ()), ("cotta", ("strategy.n_aug=4",)),
               ("ecotta", ("strategy.warmup_epochs=2",)), ("psmt", ("strategy.n_aug=4",))]
 
@@ -29,6 +31,7 @@ def _info():
     return StreamInfo(name="t", kind="tta", n_classes=10, n_experiences=1, class_order=list(range(10)))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("strategy,extra", STRATEGIES)
 def test_end_to_end(compose, run_quiet, data_root, errors, strategy, extra):
     cfg = compose(f"strategy={strategy}", "scenario=synthetic-c", "debug=fast", f"data_root={data_root}", *extra)

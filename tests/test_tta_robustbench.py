@@ -7,6 +7,8 @@ import torch
 from cl.errors import BackboneError
 from cl.stream import StreamInfo
 
+pytestmark = pytest.mark.unit
+
 
 def _build(arch, tmp_path=None, **kw):
     from cl.backbones_robustbench import build_robustbench
