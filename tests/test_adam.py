@@ -21,6 +21,7 @@ def build(*overrides):
     return cfg, stream, strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info)
 
 
+@pytest.mark.e2e
 def test_features_concatenate_the_frozen_and_the_adapted_model():
     cfg, stream, aper = build()
     trainer = Trainer(TrainerConfig.from_mapping(cfg["trainer"]))
@@ -37,6 +38,7 @@ def test_features_concatenate_the_frozen_and_the_adapted_model():
     assert hist.costs[0]["trainable_params"] > 0 and all(c["trainable_params"] == 0 for c in hist.costs[1:])
 
 
+@pytest.mark.e2e
 def test_prototypes_are_class_means_of_the_concatenated_features():
     cfg, stream, aper = build()
     Trainer(TrainerConfig.from_mapping({**cfg["trainer"], "stop_after": 1})).fit(stream, aper)

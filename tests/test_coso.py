@@ -122,6 +122,7 @@ def tiny_coso(*overrides):
     return strategy, stream, torch.stack(xs).float() / 255, torch.tensor(ys)
 
 
+@pytest.mark.e2e
 def test_fast_svd_keeps_the_exact_subspace_of_the_tiny_streams_gradients():
     """On real attn.proj gradients (vit-tiny, the synthetic stream; nn.Linear heads, since zero heads pass no
     gradient back on the first step), the fast projection captures the gradient energy of the exact one to 1%
@@ -143,6 +144,7 @@ def test_fast_svd_keeps_the_exact_subspace_of_the_tiny_streams_gradients():
         assert torch.allclose(sf[:16], se[:16], rtol=0.01)
 
 
+@pytest.mark.e2e
 def test_zero_heads_keep_each_heads_logits_zero_mean_and_the_schedule_is_the_references():
     """Why head_init=zeros: cross-entropy over one head's classes never moves that head's mean logit, so with
     nn.Linear's init each head keeps a random offset (w_sum . f) that decides class-IL on features with a large
@@ -165,6 +167,7 @@ def test_zero_heads_keep_each_heads_logits_zero_mean_and_the_schedule_is_the_ref
     assert logits.mean(1).abs().max() < 1e-4
 
 
+@pytest.mark.e2e
 def test_the_strategy_updates_attn_proj_orthogonally_to_the_previous_tasks_basis():
     """Through the strategy with the project's `project_p` option (not the reference's default; its behaviour is
     tests/test_reference_coso.py's): task 0 trains, its end grows every target's basis M by the energy rule; task

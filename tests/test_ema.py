@@ -231,6 +231,7 @@ def test_mixed_dtypes_use_the_per_tensor_copies():
         MeanTeacher([torch.randn(3)], decay=0.5, impl="cuda")
 
 
+@pytest.mark.e2e
 def test_ext_impl_equals_the_reference_loop_and_the_shared_hash(ops_ext):
     from cl import ops
     net = _net()

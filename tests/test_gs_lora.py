@@ -92,6 +92,7 @@ def test_train_step_forget_term_vanishes_past_bound():
         assert past == pytest.approx(float(s.train_step(Batch(x, y))), abs=1e-6)
 
 
+@pytest.mark.e2e
 def test_group_prox_zeroes_whole_groups_and_reference_does_not():
     for prox in (True, False):
         s, stream = _strategy(group_prox=prox, lasso_alpha=20.0, prox_lr=0.05, val_every=10_000)

@@ -12,7 +12,7 @@ from cl import backbones
 from cl.cli import compose_config
 from cl.trainer import Trainer, TrainerConfig
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.e2e
 
 
 def build_lae(*overrides):
@@ -174,14 +174,12 @@ def lae_vs_finetune(tmp_path_factory):
     return out
 
 
-@pytest.mark.e2e
 def test_lae_beats_finetune_end_to_end(lae_vs_finetune):
     lae, ft = (lae_vs_finetune[k]["metrics"]["last_acc"] for k in ("lae", "finetune"))
     print(f"last accuracy: lae {lae:.2f}  finetune {ft:.2f}")
     assert lae > ft
 
 
-@pytest.mark.e2e
 def test_lae_costs_count_the_online_pet_and_heads(lae_vs_finetune):
     costs = lae_vs_finetune["lae"]["costs"]["per_experience"]
     pet = 4 * (128 * 5 + 5 + 5 * 128 + 128 + 1)  # adapters on the 4 blocks of vit-tiny
@@ -191,7 +189,6 @@ def test_lae_costs_count_the_online_pet_and_heads(lae_vs_finetune):
     assert [c["forward_passes_per_test_image"] for c in costs] == [1, 2, 2, 2, 2]
 
 
-@pytest.mark.e2e
 def test_lae_resumes_to_the_same_matrix(compose, run_quiet, tmp_path):
     overrides = ["strategy=lae", "scenario=synthetic", "debug=fast", "trainer.epochs=2",
                  "strategy.num_freeze_epochs=1", "strategy.ema_decay=0.9"]

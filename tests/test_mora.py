@@ -98,6 +98,7 @@ def _train(strategy, exp, steps=1):
     return params
 
 
+@pytest.mark.e2e
 def test_old_experts_do_not_change_when_a_new_task_trains(compose):
     torch.manual_seed(0)
     _, stream, mora = _strategy(compose, rank=4, topk=4)

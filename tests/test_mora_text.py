@@ -48,6 +48,7 @@ def _train(mora, index, classes, texts, labels):
     return params
 
 
+@pytest.mark.e2e
 def test_experts_wrap_the_language_models_linears_and_old_ones_stay_frozen():
     from strategies.mora import RankOneExperts
 

@@ -139,6 +139,7 @@ def test_mos_resumes_to_the_same_matrix(compose, run_quiet, tmp_path):
     assert json.loads(a.read_text())["acc_matrix"] == json.loads(b.read_text())["acc_matrix"]
 
 
+@pytest.mark.e2e
 def test_predict_before_any_training_scores_zero_and_eval_future_runs():
     """trainer.eval_future evaluates every experience before the first one is trained (the FWT baseline): with
     no stored adapter set yet, predict returns zeros instead of indexing an empty list (issue 18, defect 2)."""

@@ -78,6 +78,7 @@ def test_cpu_kernel_matches_reference(ext, decay, p, with_mask):
         assert abs(restored.float().mean().item() - p * (0.5 if with_mask else 1.0)) < 0.01
 
 
+@pytest.mark.e2e
 def test_cpu_kernel_ema_is_the_lerp_formula_on_both_sides_of_half(ext):
     # torch.lerp switches formula at weight 0.5; the kernel must follow it (decay 0.3 -> w 0.7, 0.999 -> 0.001)
     for decay in (0.3, 0.5, 0.999, 0.0, 1.0):
@@ -87,6 +88,7 @@ def test_cpu_kernel_ema_is_the_lerp_formula_on_both_sides_of_half(ext):
         torch.testing.assert_close(b_off, a_off, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.e2e
 def test_cpu_kernel_edge_cases(ext):
     empty = torch.empty(0)
     assert ops.mean_teacher_update_(empty, empty.clone(), empty.clone(), 0.9, 0.5, 3, impl="ext") == "ext"

@@ -50,6 +50,7 @@ def min_mean_z(sema, x):
     return out
 
 
+@pytest.mark.e2e
 def test_expansion_trigger_fires_on_a_shifted_domain_and_not_on_the_same_distribution():
     _, stream, sema = build("strategy.func_epoch=1", "strategy.rd_epoch=8", "strategy.limit_train_batches=null")
     assert [b for b in sema.expandable] == [1, 2, 3]  # -3..-1 of the 4-block vit-tiny
@@ -75,6 +76,7 @@ def test_expansion_trigger_fires_on_a_shifted_domain_and_not_on_the_same_distrib
     assert sema.detect(shifted, expanded={1, 2}) == 3   # a block that expanded in this task is skipped
 
 
+@pytest.mark.e2e
 def test_each_expandable_block_expands_at_most_once_per_task_and_trains_only_the_new_modules():
     _, stream, sema = build("strategy.exp_threshold=-1", "strategy.func_epoch=1", "strategy.rd_epoch=1",
                             "strategy.limit_train_batches=1")

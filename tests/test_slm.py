@@ -24,6 +24,7 @@ def encoded(encoder):
         return {t: (encoder(make_texts(t, 16, seed=0)[0]), encoder(make_texts(t, 16, seed=1)[0])) for t in range(N_TASKS)}
 
 
+@pytest.mark.e2e
 def test_retrieval_picks_each_tasks_slots_on_held_out_text(encoded):
     """Keys trained with the strategy's defaults (3 epochs, lr 1e-3, bs 4, dropout 0.25, >= 100 steps) on 32 texts
     per task; held-out texts of each task retrieve exactly that task's 4 slots, per batch and per sample."""

@@ -52,6 +52,7 @@ def test_end_to_end(compose, run_quiet, data_root, errors, strategy, extra):
         assert all(c["forward_passes_per_batch"] in (3, 7) or 3 < c["forward_passes_per_batch"] < 7 for c in costs)
 
 
+@pytest.mark.e2e
 def test_tent_predicts_before_update(data_root):
     from strategies.tent import Tent
 
