@@ -153,6 +153,7 @@ def test_predict_before_any_training_scores_zero_and_eval_future_runs():
     assert len(history.acc_matrix) == 2 and all(a is not None for a in history.acc_matrix[1])
 
 
+@pytest.mark.e2e
 def test_reference_mode_evaluates_with_the_training_batch_size_and_clean_mode_with_the_trainers():
     """The reference pulls rewrite the stored sets once per test batch, so the batch size is part of the method:
     the reference tests with its training batch size (AAAI25-MOS models/mos.py:91). Clean mode has no such state."""

@@ -60,6 +60,7 @@ def test_bad_arguments_are_one_line_errors():
         ops.mean_teacher_update_(torch.zeros(4, 5).t(), torch.zeros(4, 5).t(), None, 0.9, impl="ext")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("decay,p,with_mask", [(0.999, 0.0, False), (0.3, 0.01, False), (0.9, 0.2, True),
                                                (0.6, 1.0, False), (0.6, 1.0, True)])
 def test_cpu_kernel_matches_reference(ext, decay, p, with_mask):

@@ -78,6 +78,7 @@ def _cotta(data_root, **kw):
     return c
 
 
+@pytest.mark.e2e
 def test_cotta_prediction_is_teacher_before_update_and_teacher_is_ema(data_root):
     from torch.func import functional_call
 
