@@ -73,3 +73,45 @@ def ops_ext(tmp_path_factory):
     print(f"\n[clbench] cold CPU build of csrc/mean_teacher.cpp: {time.perf_counter() - start:.1f} s")
     assert m is not None, ops.extension_error()
     return m
+
+
+# --- test tiers (issue 22) -----------------------------------------------------------------------------------
+# Every test belongs to exactly one tier: a module says `pytestmark = pytest.mark.<tier>` and a test (or class, or
+# pytest.param) that differs overrides it with its own decorator. README.md says which command runs which tier.
+TIERS = ("unit", "e2e", "cluster", "slow", "gpu")
+
+
+def _tiers_of(node) -> set[str]:
+    return {m.name for m in node.own_markers if m.name in TIERS}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the check sees every collected test
+def pytest_collection_modifyitems(config, items):
+    """Fails the collection when a test has no tier or two; otherwise leaves each test exactly one tier marker.
+
+    The closest declaration wins (test over class over module), so `-m unit` does not select a test that its
+    module marks unit and that overrides it with e2e: the parents' tier markers are moved down onto the tests."""
+    bad, tier_of, inherited, parents = [], {}, set(), set()
+    for item in items:
+        chain = item.listchain()
+        closest = next(((node, _tiers_of(node)) for node in reversed(chain) if _tiers_of(node)), None)
+        if closest is None or len(closest[1]) > 1:
+            bad.append(f"{item.nodeid} ({'no tier' if closest is None else ' + '.join(sorted(closest[1]))})")
+            continue
+        tier_of[item] = next(iter(closest[1]))
+        if closest[0] is not item:
+            inherited.add(item)
+        parents.update(node for node in chain[:-1] if _tiers_of(node))
+    if bad:
+        raise pytest.UsageError(
+            f"{len(bad)} test(s) without exactly one tier marker (one of {', '.join(TIERS)}): mark the module "
+            f"`pytestmark = pytest.mark.<tier>` or the test with a decorator (tests/conftest.py): "
+            + ", ".join(bad[:8]) + (", ..." if len(bad) > 8 else ""))
+    for node in parents:  # the tier now lives on the tests themselves
+        node.own_markers[:] = [m for m in node.own_markers if m.name not in TIERS]
+    for item, tier in tier_of.items():
+        if item in inherited:
+            item.add_marker(tier)
+        if tier == "gpu" and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="gpu tier: needs a CUDA device (torch.cuda.is_available() is "
+                                                    "False here)"))

@@ -10,6 +10,8 @@ from cl.models import backbones
 from cl.app.cli import compose_config
 from cl.engine.trainer import Trainer, TrainerConfig
 
+pytestmark = pytest.mark.unit
+
 
 def build(*overrides):
     cfg = compose_config(["strategy=adam", "scenario=synthetic", "debug=fast", "trainer.progress=false",
@@ -19,6 +21,7 @@ def build(*overrides):
     return cfg, stream, strategies.build(cfg["strategy"], backbones.build(cfg["backbone"]), stream.info)
 
 
+@pytest.mark.e2e
 def test_features_concatenate_the_frozen_and_the_adapted_model():
     cfg, stream, aper = build()
     trainer = Trainer(TrainerConfig.from_mapping(cfg["trainer"]))
@@ -35,6 +38,7 @@ def test_features_concatenate_the_frozen_and_the_adapted_model():
     assert hist.costs[0]["trainable_params"] > 0 and all(c["trainable_params"] == 0 for c in hist.costs[1:])
 
 
+@pytest.mark.e2e
 def test_prototypes_are_class_means_of_the_concatenated_features():
     cfg, stream, aper = build()
     Trainer(TrainerConfig.from_mapping({**cfg["trainer"], "stop_after": 1})).fit(stream, aper)
@@ -60,6 +64,7 @@ def test_every_peft_variant_trains_only_its_parameters(kind):
     assert not any(p.requires_grad for p in aper.backbone.parameters())
 
 
+@pytest.mark.e2e
 def test_adam_beats_finetune_end_to_end(compose, run_quiet):
     results = {}
     for strategy in ("adam", "finetune"):

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 pytest.importorskip("avalanche", reason="the optional extra `avalanche` is not installed: pip install -e .[avalanche]")
 
 NAMES = ["naive", "ewc", "si", "lwf", "replay", "gem", "agem", "icarl", "gdumb", "der", "lfl"]

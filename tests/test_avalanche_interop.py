@@ -15,6 +15,8 @@ from cl.engine.errors import DatasetError  # noqa: E402
 from cl.engine.interop import from_avalanche, to_avalanche  # noqa: E402
 from scenarios import build, class_order  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 PER_CLASS_TRAIN, PER_CLASS_TEST = 12, 4
 
 
@@ -92,6 +94,7 @@ def test_a_clbench_stream_round_trips_through_avalanche(compose, scenario):
                 assert int(ya) == yb and torch.equal(torch.as_tensor(xa), torch.as_tensor(xb))
 
 
+@pytest.mark.e2e
 def test_native_and_avalanche_strategies_run_on_an_avalanche_benchmark(compose, run_quiet, tiny_mnist):
     for strategy in ("finetune", "avalanche/naive"):
         path, _ = run_quiet(compose(f"strategy={strategy}", "scenario=avalanche/split-mnist", "debug=fast",

@@ -5,6 +5,8 @@ from cl.models import backbones
 from cl.app.cli import compose_config
 from cl.engine.errors import BackboneError, ConfigError
 
+pytestmark = pytest.mark.unit
+
 
 def backbone_cfg(name: str) -> dict:
     return compose_config([f"backbone={name}"])["backbone"]

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 
 def run(compose, run_quiet, *overrides):
     path, _ = run_quiet(compose(*overrides))

@@ -16,6 +16,8 @@ from scenarios.datasets.cifar10 import SmallImageDataset
 from scenarios.datasets.imagefolder import ImageFolderDataset
 from cl.engine.subset import TargetSubset
 
+pytestmark = pytest.mark.unit
+
 
 class Flat(nn.Module):
     input_size, in_chans, feature_dim = 8, 3, 3 * 8 * 8

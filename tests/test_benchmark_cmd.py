@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -23,6 +27,7 @@ def test_plan_covers_every_strategy_and_skips_only_unsupported_kinds():
     assert len(planned) + len(skipped) == len(strategies.names()) * len(TEST_STREAMS)
 
 
+@pytest.mark.e2e
 def test_a_small_benchmark_runs_skips_and_writes_the_leaderboard(tmp_path):
     runs, board = tmp_path / "runs", tmp_path / "board"
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--strategies", "simplecil,source",

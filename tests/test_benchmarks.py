@@ -17,6 +17,8 @@ from cl.engine.errors import DatasetError
 from scenarios.datasets.benchmarks import IMAGEFOLDER_BENCHMARKS
 from scenarios.datasets.cifar import read_cifar100, safe_load
 
+pytestmark = pytest.mark.unit
+
 SIZE = 32  # image_size override: keeps the transforms cheap
 FOLDER_CLASSES = {"imagenet-r": 200, "imagenet-a": 200, "cub": 200, "objectnet": 200, "omnibenchmark": 300, "vtab": 50}
 # config -> (dataset, classes, init_cls, increment, shuffle)

@@ -8,6 +8,8 @@ import scenarios
 from cl.models import backbones
 from cl.engine.feature_cache import FeatureCache
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def count_images(monkeypatch):
@@ -56,6 +58,7 @@ def test_adam_same_accuracy_and_fewer_forwards(compose, run_quiet, count_images)
     assert with_cache < count_images["images"]
 
 
+@pytest.mark.unit
 def test_cache_keys_on_encoder_and_dataset():
     data = torch.utils.data.TensorDataset(torch.randint(0, 255, (10, 3, 8, 8), dtype=torch.uint8),
                                           torch.arange(10))

@@ -11,6 +11,8 @@ from torchvision.transforms import v2
 from cl.engine import cache as image_cache
 from scenarios.datasets.imagefolder import ImageFolderDataset, pilot_train_transform
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
@@ -108,6 +110,7 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         image_cache.build_image_cache([], image_size=32, cache_size=16)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("strategy", ["finetune", "simplecil"])
 def test_same_accuracy_with_and_without_the_cache(tmp_path, compose, run_quiet, strategy):
     root = _tree(tmp_path / "tree")

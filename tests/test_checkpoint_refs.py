@@ -11,6 +11,8 @@ from cl.models.backbones import file_digest
 from cl.engine.errors import BackboneError
 from cl.engine.frozen_refs import FrozenReference
 
+pytestmark = pytest.mark.unit
+
 
 class Tiny(nn.Module):
     def __init__(self):
@@ -49,6 +51,7 @@ def test_other_weights_or_a_changed_tensor_are_refused():
         FrozenReference(other, "w1").restore(kept, refs)
 
 
+@pytest.mark.e2e
 def test_a_simplecil_checkpoint_holds_no_backbone_tensors(compose, run_quiet):
     cfg = compose("strategy=simplecil", "scenario=synthetic", "debug=fast")
     path, _ = run_quiet(cfg)

@@ -11,6 +11,8 @@ from omegaconf import OmegaConf
 import strategies
 from cl.app.cli import compose_config
 
+pytestmark = pytest.mark.unit
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 

@@ -10,6 +10,8 @@ import torch
 from cl.app.cli import compose_config
 from cl.models.subspace import CoSOAdam, energy_rank, fd_shrink, top_subspace
 
+pytestmark = pytest.mark.unit
+
 
 def known_spectrum(m=12, n=9, sigmas=(3.0, 2.0, 1.0), seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -120,6 +122,7 @@ def tiny_coso(*overrides):
     return strategy, stream, torch.stack(xs).float() / 255, torch.tensor(ys)
 
 
+@pytest.mark.e2e
 def test_fast_svd_keeps_the_exact_subspace_of_the_tiny_streams_gradients():
     """On real attn.proj gradients (vit-tiny, the synthetic stream; nn.Linear heads, since zero heads pass no
     gradient back on the first step), the fast projection captures the gradient energy of the exact one to 1%
@@ -141,6 +144,7 @@ def test_fast_svd_keeps_the_exact_subspace_of_the_tiny_streams_gradients():
         assert torch.allclose(sf[:16], se[:16], rtol=0.01)
 
 
+@pytest.mark.e2e
 def test_zero_heads_keep_each_heads_logits_zero_mean_and_the_schedule_is_the_references():
     """Why head_init=zeros: cross-entropy over one head's classes never moves that head's mean logit, so with
     nn.Linear's init each head keeps a random offset (w_sum . f) that decides class-IL on features with a large
@@ -163,6 +167,7 @@ def test_zero_heads_keep_each_heads_logits_zero_mean_and_the_schedule_is_the_ref
     assert logits.mean(1).abs().max() < 1e-4
 
 
+@pytest.mark.e2e
 def test_the_strategy_updates_attn_proj_orthogonally_to_the_previous_tasks_basis():
     """Through the strategy with the project's `project_p` option (not the reference's default; its behaviour is
     tests/test_reference_coso.py's): task 0 trains, its end grows every target's basis M by the energy rule; task
@@ -215,12 +220,14 @@ def coso_runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_coso_beats_finetune_on_the_tiny_stream(coso_runs):
     coso, ft = (coso_runs[k]["metrics"]["last_acc"] for k in ("coso", "finetune"))
     print(f"last accuracy: coso {coso:.2f}  finetune {ft:.2f}")
     assert coso > ft + 5
 
 
+@pytest.mark.e2e
 def test_coso_beats_finetune_under_plain_debug_fast(tmp_path):
     """The issue's literal setting: 2 steps per experience. finetune predicts one class (10.00); coso's zero-mean
     heads (`head_init=zeros`, an option) already split the test set between heads (15.62 measured; a thin margin,
@@ -236,6 +243,7 @@ def test_coso_beats_finetune_under_plain_debug_fast(tmp_path):
     assert last["coso"] > last["finetune"], last
 
 
+@pytest.mark.e2e
 def test_fast_svd_keeps_the_accuracy_of_exact_on_the_tiny_stream(coso_runs):
     exact, fast = (coso_runs[k]["metrics"] for k in ("coso_exact16", "coso_fast16"))
     print(f"last accuracy: exact {exact['last_acc']:.2f}  fast {fast['last_acc']:.2f}")
@@ -243,11 +251,13 @@ def test_fast_svd_keeps_the_accuracy_of_exact_on_the_tiny_stream(coso_runs):
     assert fast["last_acc"] > coso_runs["finetune"]["metrics"]["last_acc"]
 
 
+@pytest.mark.e2e
 def test_the_historical_subspace_grows_at_each_task_end(coso_runs):
     ranks = coso_runs["coso"]["strategy_info"]["history_rank"]  # per attn.proj (128 x 128), after the 5 tasks
     assert len(ranks) == 4 and all(0 < r < 128 for r in ranks)
 
 
+@pytest.mark.e2e
 def test_coso_resumes_to_the_same_matrix(compose, run_quiet, tmp_path):
     """The historical bases and the per-task heads travel in the checkpoint (get_extra_state, load_state_dict)."""
     overrides = ["strategy=coso", *TINY, "trainer.epochs=2"]

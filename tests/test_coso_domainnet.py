@@ -11,6 +11,8 @@ import scenarios
 from cl.app.cli import compose_config
 from cl.engine.errors import DatasetError
 
+pytestmark = pytest.mark.unit
+
 CLASSES = ["aircraft_carrier", "bee", "cat", "dog"]  # labels 0..3 of the tiny tree
 
 
@@ -88,6 +90,7 @@ def test_presets_pin_the_reference_settings(preset, tasks, r1, r2, gap, lrs, epo
         assert s["dataset"] == "domainnet" and s["n_classes"] == 345
 
 
+@pytest.mark.e2e
 def test_coso_runs_on_the_tiny_domainnet_tree(tmp_path, compose, run_quiet):
     make_tree(tmp_path / "dn")
     path, _ = run_quiet(compose("strategy=coso", "scenario=domainnet", f"scenario.root={tmp_path / 'dn'}",

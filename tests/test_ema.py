@@ -8,6 +8,8 @@ from torch import nn
 
 from cl.models.ema import MeanTeacher, _mix32
 
+pytestmark = pytest.mark.unit
+
 
 def test_offline_copy_is_the_hand_computed_ema_after_k_updates():
     torch.manual_seed(0)
@@ -144,6 +146,7 @@ def test_module_input_names_and_functional_call_on_cpu():
     assert not any(t.requires_grad for t in mt.offline.values())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none); the same MeanTeacher is tested on the CPU above")
 def test_update_and_restore_on_cuda():
     online = [torch.randn(100_000, device="cuda")]
@@ -228,6 +231,7 @@ def test_mixed_dtypes_use_the_per_tensor_copies():
         MeanTeacher([torch.randn(3)], decay=0.5, impl="cuda")
 
 
+@pytest.mark.e2e
 def test_ext_impl_equals_the_reference_loop_and_the_shared_hash(ops_ext):
     from cl.models import ops
     net = _net()

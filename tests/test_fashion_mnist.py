@@ -8,6 +8,8 @@ import pytest
 
 from cl.engine.errors import DatasetError
 
+pytestmark = pytest.mark.unit
+
 
 def write_idx(path, array, gz=True):
     array = np.asarray(array, dtype=np.uint8)

@@ -10,6 +10,8 @@ from cl.models.peft import LoRALinear
 from cl.engine.kind_metrics import forget_drop, forgetting_summary, h_mean
 from strategies.gs_lora import bounded_forget_loss, group_lasso, lora_groups, prox_group_lasso
 
+pytestmark = pytest.mark.unit
+
 
 def test_h_mean_hand_computed():
     assert forget_drop(80.0, 20.0) == 60.0

@@ -12,6 +12,8 @@ from cl.app.cli import compose_config
 from cl.engine.strategy import Batch
 from strategies.fsa import lda_head, reference_film_bns
 
+pytestmark = pytest.mark.unit
+
 
 def build(*overrides, scenario="synthetic"):
     cfg = compose_config(["strategy=fsa", f"scenario={scenario}", "debug=fast", "trainer.progress=false",
@@ -115,11 +117,13 @@ def fsa_vs_finetune(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_fsa_beats_finetune_end_to_end(fsa_vs_finetune):
     fsa, ft = fsa_vs_finetune["fsa"]["metrics"], fsa_vs_finetune["finetune"]["metrics"]
     assert fsa["last_acc"] > ft["last_acc"] + 20
 
 
+@pytest.mark.e2e
 def test_fsa_costs_count_the_first_session_body_and_the_stored_statistics(fsa_vs_finetune):
     costs = fsa_vs_finetune["fsa"]["costs"]["per_experience"]
     body = fsa_vs_finetune["fsa"]["backbone_info"]["params"]

@@ -20,6 +20,8 @@ from scenarios.datasets.cifar import CifarDataset
 from scenarios.kinds.fscil import apply_resize, build_fscil
 from scenarios.datasets.imagefolder import ImageFolderDataset
 
+pytestmark = pytest.mark.unit
+
 
 # --- the multistep schedule -------------------------------------------------------------------------------------
 class Quadratic(Strategy):

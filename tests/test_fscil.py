@@ -14,6 +14,8 @@ from scenarios import make_synthetic
 from scenarios.kinds.fscil import fscil, read_index_files, write_index_files
 from scenarios.datasets.imagefolder import read_imagefolder_split
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def data():
@@ -130,6 +132,7 @@ def test_strategies_without_fscil_support_are_rejected_before_any_work(compose, 
         run_quiet(compose("strategy=finetune", "scenario=synthetic-fscil", "debug=fast"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("strategy", ["fsa", "adam"])
 def test_fsa_and_adam_run_on_synthetic_fscil(compose, run_quiet, strategy):
     path, _ = run_quiet(compose(f"strategy={strategy}", "scenario=synthetic-fscil", "backbone=vit-tiny",

@@ -18,6 +18,8 @@ from scenarios.kinds.forgetting import build_forgetting
 from cl.app.testbeds.synthetic_forget import make_vit
 from strategies.gs_lora import ForgetCycle, GSLoRA, bounded_forget_loss, group_norms, prototype_kl
 
+pytestmark = pytest.mark.unit
+
 SYN = {"n_classes": 6, "image_size": 32, "train_per_class": 10, "test_per_class": 4, "seed": 0}
 
 
@@ -91,6 +93,7 @@ def test_train_step_forget_term_vanishes_past_bound():
         assert past == pytest.approx(float(s.train_step(Batch(x, y))), abs=1e-6)
 
 
+@pytest.mark.e2e
 def test_group_prox_zeroes_whole_groups_and_reference_does_not():
     for prox in (True, False):
         s, stream = _strategy(group_prox=prox, lasso_alpha=20.0, prox_lr=0.05, val_every=10_000)
@@ -146,6 +149,7 @@ def _run(compose, run_quiet, *extra, strategy="gs_lora"):
     return r["metrics"]
 
 
+@pytest.mark.e2e
 def test_the_issue_command_runs_and_forgetting_starts(compose, run_quiet):
     """The bare `strategy=gs_lora scenario=synthetic-forget debug=fast` (5 steps per request): it finishes with every
     metric, keeps the retained classes and has begun to erase (measured: forgotten 84.4 of 100, retained 100)."""
@@ -155,6 +159,7 @@ def test_the_issue_command_runs_and_forgetting_starts(compose, run_quiet):
     assert m["acc_forget"] < m["acc_original"]
 
 
+@pytest.mark.e2e
 def test_end_to_end_synthetic_forget_erases_forgotten_classes(compose, run_quiet):
     """debug=fast data with 4 epochs per request (20 AdamW steps at the reference's lr 1e-2; debug=fast alone gives
     5, too few at that lr: docs/forgetting_and_sparsity.md has the measurements): forgotten classes near zero,
@@ -165,6 +170,7 @@ def test_end_to_end_synthetic_forget_erases_forgotten_classes(compose, run_quiet
     assert m["acc_retain"] >= m["per_request"][-1]["acc_retain_before"] - 3.0
 
 
+@pytest.mark.e2e
 def test_end_to_end_gs_lora_pp_erases_forgotten_classes(compose, run_quiet):
     """GS-LoRA++ (prototype term on) on the same stream and budget."""
     m = _run(compose, run_quiet, "debug=fast", "trainer.epochs=4", strategy="gs_lora_pp")
@@ -217,6 +223,7 @@ def test_prototype_term_pushes_forget_embeddings_from_their_prototype():
         torch.testing.assert_close(s.prototypes[c], emb[ys == c].mean(0), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.e2e
 def test_interrupted_request_resumes_with_the_same_forget_batches(compose, run_quiet, monkeypatch, tmp_path):
     """SIGTERM inside request 0, then the same command: same accuracy matrix and weights as an unbroken run (the
     forget cycle's generator and position are in the partial checkpoint)."""

@@ -9,6 +9,8 @@ from cl.engine.errors import ConfigError, DatasetError
 from cl.engine.stream import eval_view
 from scenarios.datasets.base import ImageFolderDataset, read_imagefolder_split
 
+pytestmark = pytest.mark.unit
+
 CLASSES = ("cat", "dog", "fox")
 SIZE = 32
 

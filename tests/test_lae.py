@@ -12,6 +12,8 @@ from cl.models import backbones
 from cl.app.cli import compose_config
 from cl.engine.trainer import Trainer, TrainerConfig
 
+pytestmark = pytest.mark.e2e
+
 
 def build_lae(*overrides):
     cfg = compose_config(["strategy=lae", "scenario=synthetic", "debug=fast", "trainer.progress=false",

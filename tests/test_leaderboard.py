@@ -12,6 +12,8 @@ import pytest
 from cl.app.leaderboard import accuracy_curves, display_table, find_results, summary_table, to_markdown, \
     write_leaderboard
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -99,6 +101,7 @@ def sweep(tmp_path_factory):
     return root / "runs"
 
 
+@pytest.mark.e2e
 def test_leaderboard_cli_from_a_sweep(sweep, tmp_path):
     out = tmp_path / "lb"
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "leaderboard.py"), str(sweep), "--out", str(out),
@@ -136,6 +139,7 @@ def test_leaderboard_cli_from_a_sweep(sweep, tmp_path):
     assert row["last_acc_mean"] == pytest.approx(sum(simple) / 2)
 
 
+@pytest.mark.e2e
 def test_without_presets_only_real_results(sweep, tmp_path):
     out = tmp_path / "lb"
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "leaderboard.py"), str(sweep), "--out", str(out)],

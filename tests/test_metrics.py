@@ -10,6 +10,8 @@ from hypothesis.extra.numpy import arrays
 
 from cl.engine import metrics as M
 
+pytestmark = pytest.mark.unit
+
 NAN = float("nan")
 
 

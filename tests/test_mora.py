@@ -9,6 +9,8 @@ from torch import nn
 
 from strategies.mora import ExpertAttention, RankOneExperts
 
+pytestmark = pytest.mark.unit
+
 
 def _layer(topk=3, threshold=0.2, tasks=2, rank=4):
     torch.manual_seed(0)
@@ -96,6 +98,7 @@ def _train(strategy, exp, steps=1):
     return params
 
 
+@pytest.mark.e2e
 def test_old_experts_do_not_change_when_a_new_task_trains(compose):
     torch.manual_seed(0)
     _, stream, mora = _strategy(compose, rank=4, topk=4)
@@ -135,6 +138,7 @@ def test_bad_input_is_one_clear_error(compose):
         MoRA(targets=["qq"])
 
 
+@pytest.mark.e2e
 def test_mora_beats_finetune_on_last_accuracy(compose, run_quiet):
     """The bare commands of the issue: synthetic-xtail's default backbone is the cached "pre-trained" clip-tiny
     (configs/backbone/clip-tiny-xtail.yaml, built once per data root by cl/app/testbeds/xtail_warmup.py)."""

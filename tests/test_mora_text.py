@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+pytestmark = pytest.mark.unit
+
 
 def _texts(n, seed):
     from scenarios.datasets.synthetic_text import make_texts
@@ -46,6 +48,7 @@ def _train(mora, index, classes, texts, labels):
     return params
 
 
+@pytest.mark.e2e
 def test_experts_wrap_the_language_models_linears_and_old_ones_stay_frozen():
     from strategies.mora import RankOneExperts
 
@@ -93,6 +96,7 @@ def test_unknown_text_targets_are_one_clear_error():
         add_text_experts(nn.Sequential(nn.Linear(2, 2)), ["q"], lambda lin: lin)
 
 
+@pytest.mark.e2e
 def test_mora_runs_on_synthetic_text_and_beats_chance(compose, run_quiet):
     """The bare command `strategy=mora scenario=synthetic-text debug=fast` (3 tasks x 2 classes: chance 16.7)."""
     path, _ = run_quiet(compose("strategy=mora", "scenario=synthetic-text", "debug=fast"))

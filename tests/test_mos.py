@@ -11,6 +11,8 @@ from cl.models import backbones
 from cl.app.cli import compose_config
 from cl.engine.trainer import Trainer, TrainerConfig
 
+pytestmark = pytest.mark.unit
+
 
 def build_mos(*overrides):
     cfg = compose_config(["strategy=mos", "scenario=synthetic", "debug=fast", "trainer.progress=false",
@@ -112,10 +114,12 @@ def mos_vs_finetune(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_mos_beats_finetune_end_to_end(mos_vs_finetune):
     assert mos_vs_finetune["mos"]["metrics"]["last_acc"] > mos_vs_finetune["finetune"]["metrics"]["last_acc"]
 
 
+@pytest.mark.e2e
 def test_mos_costs_count_its_trained_and_stored_parameters(mos_vs_finetune):
     costs = mos_vs_finetune["mos"]["costs"]["per_experience"]
     per_set = 4 * (128 * 16 + 16 + 16 * 128 + 128)  # 4 blocks of width 128, bottleneck 16
@@ -125,6 +129,7 @@ def test_mos_costs_count_its_trained_and_stored_parameters(mos_vs_finetune):
     assert [c["forward_passes_per_test_image"] for c in costs] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.e2e
 def test_mos_resumes_to_the_same_matrix(compose, run_quiet, tmp_path):
     overrides = ["strategy=mos", "scenario=synthetic", "debug=fast", "trainer.limit_train_batches=2",
                  "strategy.crct_epochs=2"]
@@ -134,6 +139,7 @@ def test_mos_resumes_to_the_same_matrix(compose, run_quiet, tmp_path):
     assert json.loads(a.read_text())["acc_matrix"] == json.loads(b.read_text())["acc_matrix"]
 
 
+@pytest.mark.e2e
 def test_predict_before_any_training_scores_zero_and_eval_future_runs():
     """trainer.eval_future evaluates every experience before the first one is trained (the FWT baseline): with
     no stored adapter set yet, predict returns zeros instead of indexing an empty list (issue 18, defect 2)."""
@@ -147,6 +153,7 @@ def test_predict_before_any_training_scores_zero_and_eval_future_runs():
     assert len(history.acc_matrix) == 2 and all(a is not None for a in history.acc_matrix[1])
 
 
+@pytest.mark.e2e
 def test_reference_mode_evaluates_with_the_training_batch_size_and_clean_mode_with_the_trainers():
     """The reference pulls rewrite the stored sets once per test batch, so the batch size is part of the method:
     the reference tests with its training batch size (AAAI25-MOS models/mos.py:91). Clean mode has no such state."""

@@ -13,6 +13,8 @@ from cl.app.cli import compose_config
 from cl.engine.data import to_model_input
 from strategies.mos import StackedAdapters
 
+pytestmark = pytest.mark.unit
+
 
 def flat(adapters):
     return torch.cat([p.detach().flatten() for p in adapters.parameters()])

@@ -6,6 +6,8 @@ from omegaconf import OmegaConf
 from cl.models.backbones import build
 from cl.engine.errors import BackboneError
 
+pytestmark = pytest.mark.unit
+
 
 def _cfg(name):
     return OmegaConf.to_container(OmegaConf.load(f"configs/backbone/{name}.yaml"))

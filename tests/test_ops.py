@@ -11,6 +11,8 @@ import torch
 
 from cl.models import ops
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def ext(ops_ext):  # tests/conftest.py: built cold once per session
@@ -58,6 +60,7 @@ def test_bad_arguments_are_one_line_errors():
         ops.mean_teacher_update_(torch.zeros(4, 5).t(), torch.zeros(4, 5).t(), None, 0.9, impl="ext")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("decay,p,with_mask", [(0.999, 0.0, False), (0.3, 0.01, False), (0.9, 0.2, True),
                                                (0.6, 1.0, False), (0.6, 1.0, True)])
 def test_cpu_kernel_matches_reference(ext, decay, p, with_mask):
@@ -76,6 +79,7 @@ def test_cpu_kernel_matches_reference(ext, decay, p, with_mask):
         assert abs(restored.float().mean().item() - p * (0.5 if with_mask else 1.0)) < 0.01
 
 
+@pytest.mark.e2e
 def test_cpu_kernel_ema_is_the_lerp_formula_on_both_sides_of_half(ext):
     # torch.lerp switches formula at weight 0.5; the kernel must follow it (decay 0.3 -> w 0.7, 0.999 -> 0.001)
     for decay in (0.3, 0.5, 0.999, 0.0, 1.0):
@@ -85,6 +89,7 @@ def test_cpu_kernel_ema_is_the_lerp_formula_on_both_sides_of_half(ext):
         torch.testing.assert_close(b_off, a_off, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.e2e
 def test_cpu_kernel_edge_cases(ext):
     empty = torch.empty(0)
     assert ops.mean_teacher_update_(empty, empty.clone(), empty.clone(), 0.9, 0.5, 3, impl="ext") == "ext"
@@ -107,6 +112,7 @@ def test_cpu_kernel_edge_cases(ext):
         ext(torch.zeros(5), torch.zeros(5), torch.zeros(5), torch.ones(4, dtype=torch.bool), 0.9, 0.5, 0)
 
 
+@pytest.mark.gpu
 def test_cuda_kernel_matches_reference():
     if not torch.cuda.is_available():
         pytest.skip("CI has no GPU")

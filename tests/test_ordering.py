@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 
 def _last(strategy: str, scenario: str, root, *extra: str) -> float:
     from cl.app.cli import compose_config

@@ -12,6 +12,8 @@ timm = pytest.importorskip("timm")
 
 from cl.models import peft  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 
 def tiny_vit(seed: int = 0):
     torch.manual_seed(seed)
@@ -338,6 +340,7 @@ def test_film_vit_identity(vit, images):
     assert not torch.allclose(vit(images), ref)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("arch,kwargs", [
     ("resnet18", dict(channels=(16, 32, 64, 128), stem_width=16)),
     ("efficientnet_b0", {}),

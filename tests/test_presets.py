@@ -6,6 +6,8 @@ import pytest
 
 from cl.app.cli import compose_config
 
+pytestmark = pytest.mark.unit
+
 PRESETS = sorted(p.stem for p in (Path(__file__).parent.parent / "configs" / "experiment").glob("*.yaml"))
 METRIC_KEYS = {"avg_incremental_acc", "last_acc", "forgetting", "bwt",
                "mean_error",  # tta presets
@@ -64,6 +66,7 @@ def test_mos_imagenet_r_is_the_reference_setting():
     assert cfg["paper"]["avg_incremental_acc"] == 82.96 and cfg["paper"]["last_acc"] == 77.93
 
 
+@pytest.mark.e2e
 def test_the_result_shows_the_paper_number_beside_the_measured_one(compose, run_quiet):
     # The preset's method and paper numbers on the test-sized stream (no data or weights needed here).
     cfg = compose("experiment=simplecil_cifar100", "scenario=synthetic", "backbone=vit-tiny", "debug=fast")

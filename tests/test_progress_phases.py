@@ -11,6 +11,8 @@ from cl.engine.strategy import Strategy
 from cl.engine.trainer import Trainer, TrainerConfig
 from test_trainer import Identity, toy_stream
 
+pytestmark = pytest.mark.unit
+
 
 def test_watch_polls_the_stop_check_between_items():
     asked = []

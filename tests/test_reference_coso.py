@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +28,8 @@ from cl.engine.strategy import Batch
 from cl.models.subspace import CoSOAdam
 from cl.app.testbeds.synthetic_forget import make_vit
 from strategies.coso import CoSO
+
+pytestmark = pytest.mark.unit
 
 R1, R2, GAP, THR, T, LR, FC_LR = 3, 5, 1, 0.98, 3.0, 1e-3, 2e-3
 

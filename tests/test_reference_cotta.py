@@ -24,6 +24,8 @@ from cl.engine.stream import StreamInfo
 from strategies.cotta import CoTTA
 from tta_tiny import Tiny, source_model as tiny_source_model  # noqa: F401
 
+pytestmark = pytest.mark.unit
+
 SEED = 1234
 
 

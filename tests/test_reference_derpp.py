@@ -28,6 +28,8 @@ from cl.engine.stream import StreamInfo
 from cl.engine.strategy import Batch
 from strategies.derpp import DERpp, DeviceAugment
 
+pytestmark = pytest.mark.unit
+
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2615)  # seq_cifar10.py:65-66
 PAD, SIZE, N_CLASSES = 2, 8, 4
 ALPHA, BETA, LR = 0.3, 0.7, 0.1
@@ -227,6 +229,7 @@ def test_replay_starts_where_the_reference_starts(replay_first, first_replay_ste
     assert replayed == [k >= first_replay_step for k in range(6)]
 
 
+@pytest.mark.e2e
 def test_through_the_trainer_the_buffer_holds_only_raw_images():
     from cl.engine.trainer import Trainer, TrainerConfig
     from test_batch_extras import crop_flip_stream  # a Split stream of 8 px images with crop_flip

@@ -18,6 +18,8 @@ from cl.models.backbones import Backbone
 from cl.engine.stream import StreamInfo
 from cl.app.testbeds.synthetic_c import SmallResNet
 
+pytestmark = pytest.mark.unit
+
 ATOL = 1e-5
 
 
@@ -276,6 +278,7 @@ def test_warmup_lr_schedule_is_the_community_one():
     assert got[0] == 0.0 and got[n] == pytest.approx(0.05) and got[2 * n] == pytest.approx(0.01)
 
 
+@pytest.mark.e2e
 def test_warmup_matches_the_community_loop(monkeypatch):
     """Ten warm-up epochs (the community default, milestones 3/6/8) on a tiny source set (augmentation off on both sides): SGD lr 0.05 momentum 0.9, NO
     weight decay (main.py:281), the per-batch lr above, CE on the whole network in train mode (main.py:111, 307:

@@ -32,6 +32,8 @@ from cl.engine.strategy import Batch
 from cl.engine.stream import Experience, Stream, StreamInfo, eval_view
 from cl.engine.trainer import Trainer, TrainerConfig, make_scheduler
 
+pytestmark = pytest.mark.e2e
+
 N_BASE = 10  # synthetic-fscil's base session: classes 0..9 of 20
 
 
@@ -220,6 +222,7 @@ def test_first_session_steps_equal_the_reference(adapt, effnet, info):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.005 * 0.3 ** 2)
 
 
+@pytest.mark.unit
 def test_drop_connect_is_only_active_when_the_body_trains(effnet, info):
     """Drop-connect 0.2 (efficientnet_utils.py:483), scaled by block index / blocks (efficientnet.py:352-354) and
     applied on the identity-skip blocks only (:192-196), is sampled in full fine-tuning; FSA-FiLM keeps the body in

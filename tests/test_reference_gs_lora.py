@@ -33,6 +33,8 @@ from scenarios.kinds.forgetting import build_forgetting, forget_requests
 from cl.app.testbeds.synthetic_forget import make_vit
 from strategies.gs_lora import GSLoRA, GSLoRAPP
 
+pytestmark = pytest.mark.unit
+
 SYN = {"n_classes": 6, "image_size": 32, "train_per_class": 10, "test_per_class": 4, "seed": 0}
 BND, ALPHA, BETA, LR, WD = 105.0, 1e-4, 0.2, 1e-2, 0.05
 

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cl.engine.strategy import Batch
 from strategies.mora import RankOneExperts
+
+pytestmark = pytest.mark.unit
 
 
 class RefMoRAM(nn.Module):

@@ -43,6 +43,8 @@ from cl.engine.stream import eval_view
 from cl.engine.strategy import Batch
 from cl.engine.trainer import Trainer, TrainerConfig, normalize_groups
 
+pytestmark = pytest.mark.e2e
+
 BS = 4           # training batch size: stats batches of 12 (a class has 16 images: 2 batches), test batches of 4
 STEPS = 3        # SGD steps per experience
 EXPERIENCES = 3  # set 2 is pulled toward the mean of sets 0 and 1
@@ -451,6 +453,7 @@ def test_scores_predictions_and_test_time_pulls_match_the_reference(both):
 # ----------------------------------------------------------------------------------------------------------
 # Classifier alignment, on the strategy's own random draws
 # ----------------------------------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_classifier_alignment_matches_the_reference_given_the_same_draws(monkeypatch):
     """models/mos.py:247-333: per epoch, 5 x bs samples of N(mu_c, Sigma_c) per seen class, shuffled, one SGD
     step (ca_lr, momentum 0.9, the task's weight decay, cosine over the epochs) per class-sized chunk, CE over

@@ -30,6 +30,8 @@ from cl.engine.stream import StreamInfo
 from strategies.psmt import PSMT
 from tta_tiny import Tiny, source_model as tiny_source_model  # noqa: F401
 
+pytestmark = pytest.mark.unit
+
 
 def source_model():
     return tiny_source_model(source_statistics=False)

@@ -27,6 +27,8 @@ from cl.app.cli import compose_config
 from cl.engine.strategy import Batch
 from cl.engine.trainer import Trainer, TrainerConfig, normalize_groups
 
+pytestmark = pytest.mark.e2e
+
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 

@@ -27,6 +27,8 @@ from cl.engine.strategy import Batch
 from scenarios.datasets.synthetic_text import make_texts
 from strategies.slm import SLM, TaskKeys
 
+pytestmark = pytest.mark.unit
+
 
 # --- key training -------------------------------------------------------------------------------------------------
 
@@ -127,6 +129,7 @@ def _shared_stream():
     return info, exps
 
 
+@pytest.mark.e2e
 def test_value_step_matches_the_reference_restatement(minilm):
     """Task 1 of 3 (slots 4..7), per-batch retrieval (the reference's use_distance_weight path) over the seen
     tasks' slots: loss, gradients of the task's slots and head, and the values after 3 AdamW steps."""

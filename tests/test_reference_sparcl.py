@@ -17,6 +17,7 @@ batches only (`drop_last`).
 import copy
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +26,8 @@ from cl.models.backbones import Backbone
 from cl.engine.stream import StreamInfo
 from cl.engine.strategy import Batch
 from strategies.sparcl import SparCL
+
+pytestmark = pytest.mark.unit
 
 LR = 0.2
 
@@ -225,6 +228,7 @@ def test_data_removal_matches_the_reference():
 
 
 # --- through the trainer ---------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_trainer_gives_sparcl_example_ids_and_only_full_batches():
     from cl.engine.trainer import Trainer, TrainerConfig
     from test_batch_extras import crop_flip_stream

@@ -15,6 +15,8 @@ from cl.models.backbones import Backbone
 from cl.engine.stream import StreamInfo
 from cl.app.testbeds.synthetic_c import SmallResNet
 
+pytestmark = pytest.mark.unit
+
 ATOL = 1e-5
 
 

@@ -20,6 +20,8 @@ import cl.engine.trainer as trainer_module
 from cl.engine.errors import BackboneError, DatasetError, ResultsError, RunInterrupted, RunLockedError
 from cl.engine.results import RunDir, config_hash
 
+pytestmark = pytest.mark.e2e
+
 # 5 experiences x 2 epochs x 2 batches of 16 (debug=fast keeps 16 images per class, 2 classes per experience):
 # training step s (1-based) is experience (s-1)//4, epoch ((s-1)//2)%2, batch (s-1)%2+1.
 OVERRIDES = ["strategy=finetune", "scenario=synthetic", "debug=fast", "trainer.epochs=2"]
@@ -181,6 +183,7 @@ def test_a_stale_or_foreign_partial_checkpoint_is_ignored(compose, run_quiet, mo
 
 
 # --- the lock ----------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_a_second_holder_of_the_run_directory_is_refused(tmp_path):
     first, second = RunDir(tmp_path, "run"), RunDir(tmp_path, "run")
     first.create()
@@ -259,6 +262,7 @@ def test_a_results_root_that_is_not_writable_fails_before_any_work(compose, run_
             run_quiet(compose(*OVERRIDES, f"results_root={locked}"))
 
 
+@pytest.mark.unit
 def test_a_torn_event_line_does_not_swallow_the_next_event(tmp_path):
     d = RunDir(tmp_path, "run")
     d.create()
@@ -311,6 +315,7 @@ def _malicious(path: Path, marker: Path) -> bytes:
     return path.read_bytes()
 
 
+@pytest.mark.unit
 def test_every_torch_load_in_the_engine_is_weights_only():
     root = Path(__file__).resolve().parent.parent
     calls = []
@@ -339,6 +344,7 @@ def test_a_malicious_checkpoint_is_refused_without_running_it(compose, run_quiet
     assert not marker.exists()
 
 
+@pytest.mark.unit
 def test_a_malicious_weights_file_is_refused_without_running_it(tmp_path):
     from cl.app.experiment import _build_backbone
 
@@ -374,6 +380,7 @@ def _image_tree(root: Path) -> tuple[Path, list[Path]]:
     return root, damaged
 
 
+@pytest.mark.unit
 def test_truncated_images_are_found_at_scan_time(tmp_path):
     from PIL import Image
 
@@ -407,6 +414,7 @@ def test_bad_images_fail_or_skip_and_report_through_a_run(compose, run_quiet, tm
     assert any("left out" in line for line in lines)  # said on the console too, never silently
 
 
+@pytest.mark.unit
 def test_an_image_damaged_after_the_scan_is_a_clear_error(tmp_path):
     from scenarios.datasets.imagefolder import read_imagefolder_split
 

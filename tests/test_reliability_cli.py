@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parent.parent
 # 10 experiences (one class each) x 3 epochs x 3 batches: a few seconds of training after the start-up.
 N_EXP = 10

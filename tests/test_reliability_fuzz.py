@@ -7,11 +7,14 @@ never a multi-line message. `CLBENCH_FUZZ_EXAMPLES` sets the number of cases (de
 import os
 import string
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cl.app.cli import compose_config, config_keys, group_options
 from cl.engine.errors import ClbenchError
+
+pytestmark = pytest.mark.e2e
 
 EXAMPLES = int(os.environ.get("CLBENCH_FUZZ_EXAMPLES", "200"))
 GROUPS = {g: group_options(g) for g in ("strategy", "scenario", "backbone", "trainer", "debug")}

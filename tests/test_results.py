@@ -1,8 +1,11 @@
 import json
 
+import pytest
 import torch
 
 from cl.engine.results import RunDir, config_hash, finished_indices, matrix_csv
+
+pytestmark = pytest.mark.unit
 
 
 def test_config_hash_ignores_where_and_how_verbosely():

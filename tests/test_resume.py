@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.mark.parametrize("strategy", ["finetune", "joint"])
 def test_resume_gives_the_same_matrix_as_an_unbroken_run(compose, run_quiet, tmp_path, strategy):

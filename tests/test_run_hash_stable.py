@@ -14,6 +14,8 @@ import pytest
 from cl.app.cli import compose_config
 from cl.engine.results import config_hash
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("overrides, expected", [
     ([], "79c1314b49b7743b"),

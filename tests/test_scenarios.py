@@ -11,6 +11,8 @@ from cl.engine.errors import ConfigError
 from scenarios import class_incremental, class_order, make_synthetic, task_splits
 from scenarios.datasets.base import TensorImageDataset, load_digits_dataset
 
+pytestmark = pytest.mark.unit
+
 
 def pilot_order(n, seed):
     """PILOT's utils/data_manager.py, global seed and all (the global state is restored afterwards)."""

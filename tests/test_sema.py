@@ -15,6 +15,8 @@ from scenarios import make_synthetic
 from cl.engine.subset import TargetSubset
 from strategies.sema import SemaSlot
 
+pytestmark = pytest.mark.unit
+
 CPU = torch.device("cpu")
 # vit-tiny is 128 wide: an RD of width 128 could learn the identity, so the test-sized runs use 16 (768 -> 128 in
 # the reference). On a randomly initialised ViT the functional phase learns nothing in debug=fast's one epoch of
@@ -48,6 +50,7 @@ def min_mean_z(sema, x):
     return out
 
 
+@pytest.mark.e2e
 def test_expansion_trigger_fires_on_a_shifted_domain_and_not_on_the_same_distribution():
     _, stream, sema = build("strategy.func_epoch=1", "strategy.rd_epoch=8", "strategy.limit_train_batches=null")
     assert [b for b in sema.expandable] == [1, 2, 3]  # -3..-1 of the 4-block vit-tiny
@@ -73,6 +76,7 @@ def test_expansion_trigger_fires_on_a_shifted_domain_and_not_on_the_same_distrib
     assert sema.detect(shifted, expanded={1, 2}) == 3   # a block that expanded in this task is skipped
 
 
+@pytest.mark.e2e
 def test_each_expandable_block_expands_at_most_once_per_task_and_trains_only_the_new_modules():
     _, stream, sema = build("strategy.exp_threshold=-1", "strategy.func_epoch=1", "strategy.rd_epoch=1",
                             "strategy.limit_train_batches=1")
@@ -159,10 +163,12 @@ def sema_vs_finetune(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_sema_beats_finetune_end_to_end(sema_vs_finetune):
     assert sema_vs_finetune["sema"]["metrics"]["last_acc"] > sema_vs_finetune["finetune"]["metrics"]["last_acc"] + 10
 
 
+@pytest.mark.e2e
 def test_sema_reports_its_growth_and_counts_its_trained_parameters(sema_vs_finetune):
     r = sema_vs_finetune["sema"]
     growth = r["strategy_info"]["growth"]  # written after every experience: the final state
@@ -182,6 +188,7 @@ def test_sema_reports_its_growth_and_counts_its_trained_parameters(sema_vs_finet
     assert costs[-1]["added_params"] == 4 * adapter + 3 * (rd + router) + head + grown  # bookkeeping buffers not counted
 
 
+@pytest.mark.e2e
 def test_sema_resumes_to_the_same_matrix(compose, run_quiet, tmp_path, sema_vs_finetune):
     overrides = ["strategy=sema", "scenario=synthetic", "backbone=vit-tiny", "debug=fast", *SMALL]
     partial, _ = run_quiet(compose(*overrides, f"results_root={tmp_path / 'b'}", "trainer.stop_after=2"))

@@ -6,6 +6,8 @@ from torch import nn
 from scenarios.datasets.synthetic_text import make_texts
 from strategies.slm import JAReLinear, TaskKeys
 
+pytestmark = pytest.mark.unit
+
 N_TASKS = 3
 
 
@@ -22,6 +24,7 @@ def encoded(encoder):
         return {t: (encoder(make_texts(t, 16, seed=0)[0]), encoder(make_texts(t, 16, seed=1)[0])) for t in range(N_TASKS)}
 
 
+@pytest.mark.e2e
 def test_retrieval_picks_each_tasks_slots_on_held_out_text(encoded):
     """Keys trained with the strategy's defaults (3 epochs, lr 1e-3, bs 4, dropout 0.25, >= 100 steps) on 32 texts
     per task; held-out texts of each task retrieve exactly that task's 4 slots, per batch and per sample."""
@@ -98,6 +101,7 @@ def test_training_a_task_moves_only_its_slots_and_head_rows():
     assert logits.shape == (8, 4)
 
 
+@pytest.mark.e2e
 def test_slm_beats_finetune_on_synthetic_text(compose, run_quiet):
     """The issue's done-when: scenario=synthetic-text debug=fast with the bundled MiniLM, same overrides."""
     import json

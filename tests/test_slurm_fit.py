@@ -3,7 +3,11 @@ it runs without a cluster; tests/test_slurm.py checks the same on the real one-n
 import os
 import stat
 
+import pytest
+
 from cl.app import slurm
+
+pytestmark = pytest.mark.cluster
 
 
 def fake_tools(tmp_path, sinfo: str, scontrol: str = "") -> dict:

@@ -12,6 +12,8 @@ from cl.engine.errors import DatasetError
 from scenarios.datasets.cifar10 import crop_flip, read_cifar10
 from scenarios.datasets.tiny_imagenet import read_tiny_imagenet
 
+pytestmark = pytest.mark.unit
+
 
 def _cifar10_tree(root, per_class=2):
     folder = root / "cifar-10-batches-py"

@@ -11,6 +11,8 @@ from cl.engine.stream import StreamInfo
 from strategies.sparcl import (ForgettingStats, IndexedView, Schedule, SparCL, exact_mask, importance, regrow,
                                sparsity_of)
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("sparsity", [0.75, 0.9, 0.95])
 def test_exact_mask_reaches_sparsity_exactly(sparsity):
@@ -183,6 +185,7 @@ def tiny_pair(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_sparcl_end_to_end_is_exactly_sparse_and_cheaper_than_dense_derpp(tiny_pair):
     sp, dense = tiny_pair["sparcl"]["metrics"], tiny_pair["derpp"]["metrics"]
     assert tiny_pair["sparcl"]["status"] == "finished" and len(tiny_pair["sparcl"]["acc_matrix"]) == 5

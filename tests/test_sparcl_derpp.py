@@ -1,10 +1,13 @@
 """DER++ reservoir buffer and loss: fills, then keeps exactly `size` items with reservoir probabilities; the
 logit-replay term is zero for a perfect fit; the device crop + flip; the presets' input normalisation. (The
 reference step, what the buffer holds and where replay starts: tests/test_reference_derpp.py.)"""
+import pytest
 import torch
 from torch import nn
 
 from strategies.derpp import ReservoirBuffer, derpp_buffer_loss
+
+pytestmark = pytest.mark.unit
 
 
 def test_reservoir_fills_then_stays_full():

@@ -7,6 +7,8 @@ import pytest
 from cl.engine.errors import ConfigError, DatasetError
 from scenarios.kinds.text import ORDERS, build_text
 
+pytestmark = pytest.mark.unit
+
 
 def write_idbr(root, names=("ag", "yelp", "amazon", "dbpedia", "yahoo"), per_class=10, jsonl=()):
     sizes = {"ag": 4, "yelp": 5, "amazon": 5, "dbpedia": 14, "yahoo": 10}

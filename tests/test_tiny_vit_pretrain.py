@@ -11,6 +11,8 @@ import torch
 
 from cl.app.testbeds import vit_warmup as V
 
+pytestmark = pytest.mark.unit
+
 
 def _digest(*datasets) -> str:
     return hashlib.sha256(b"".join(np.asarray(d.images).tobytes() for d in datasets)).hexdigest()[:16]

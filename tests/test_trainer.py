@@ -1,5 +1,6 @@
 """The trainer calls every hook in order, owns the optimiser unless the strategy supplies one, and scores
 class-IL and task-IL accuracy correctly from known predictions."""
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,6 +11,8 @@ from cl.engine.online import OnlineAdaptation
 from cl.engine.stream import Experience, Stream, StreamInfo
 from cl.engine.strategy import Strategy
 from cl.engine.trainer import Trainer, TrainerConfig
+
+pytestmark = pytest.mark.unit
 
 
 class Identity(nn.Module):
@@ -173,6 +176,7 @@ def test_costs_have_the_contract_fields():
         assert c["trainable_params"] == 4 and c["train_images"] == 16
 
 
+@pytest.mark.e2e
 def test_fwt_uses_the_matching_baseline(compose, run_quiet):
     import json
 
@@ -187,6 +191,7 @@ def test_fwt_uses_the_matching_baseline(compose, run_quiet):
     assert r["metrics"]["fwt_task_il"] == metrics.forward_transfer(r["task_il_matrix"], r["initial_task_il_accuracy"])
 
 
+@pytest.mark.e2e
 def test_class_il_runs_report_no_class_il_fwt(compose, run_quiet):
     import json
 
@@ -235,6 +240,7 @@ def test_a_non_finite_loss_stops_with_the_step_named():
     assert finished == [0]
 
 
+@pytest.mark.e2e
 def test_a_failed_run_keeps_its_finished_experiences(compose, run_quiet, monkeypatch):
     import json
 

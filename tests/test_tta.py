@@ -9,6 +9,8 @@ import torch
 from cl.engine.stream import StreamInfo
 from cl.app.testbeds.synthetic_c import build_source
 
+pytestmark = pytest.mark.unit
+
 STRATEGIES = [("source", ()), ("bn_adapt", ()), ("tent", ()), ("cotta", ("strategy.n_aug=4",)),
               ("ecotta", ("strategy.warmup_epochs=2",)), ("psmt", ("strategy.n_aug=4",))]
 
@@ -29,6 +31,7 @@ def _info():
     return StreamInfo(name="t", kind="tta", n_classes=10, n_experiences=1, class_order=list(range(10)))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("strategy,extra", STRATEGIES)
 def test_end_to_end(compose, run_quiet, data_root, errors, strategy, extra):
     cfg = compose(f"strategy={strategy}", "scenario=synthetic-c", "debug=fast", f"data_root={data_root}", *extra)
@@ -49,6 +52,7 @@ def test_end_to_end(compose, run_quiet, data_root, errors, strategy, extra):
         assert all(c["forward_passes_per_batch"] in (3, 7) or 3 < c["forward_passes_per_batch"] < 7 for c in costs)
 
 
+@pytest.mark.e2e
 def test_tent_predicts_before_update(data_root):
     from strategies.tent import Tent
 
@@ -74,6 +78,7 @@ def _cotta(data_root, **kw):
     return c
 
 
+@pytest.mark.e2e
 def test_cotta_prediction_is_teacher_before_update_and_teacher_is_ema(data_root):
     from torch.func import functional_call
 

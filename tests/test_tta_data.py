@@ -6,6 +6,8 @@ import torch
 
 from cl.engine.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 
 LABELS = np.random.default_rng(0).integers(0, 10, 10000)  # not periodic: a shifted label slice shows
 

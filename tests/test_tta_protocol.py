@@ -8,6 +8,8 @@ from cl.engine.errors import ConfigError
 from cl.engine.kind_metrics import tta as metrics_from_history
 from scenarios.kinds.tta import build_tta
 
+pytestmark = pytest.mark.unit
+
 SYN = {"dataset": "synthetic-c", "severity": 5, "limit_per_class": 2,
        "synthetic": {"train_per_class": 4, "test_per_class": 4}}
 
@@ -129,6 +131,7 @@ def test_declared_source_data_is_every_experience_train(tmp_path):
         DATASETS.pop("tta-test-clean")
 
 
+@pytest.mark.e2e
 def test_ecotta_preset_runs_end_to_end_on_tiny_files(compose, run_quiet, tmp_path):
     """experiment=ecotta_cifar10c through the trainer: released-layout CIFAR-10-C file, declared clean source
     data, the RobustBench WRN-28 (width 1, random init: no checkpoint here), K=5 meta networks, warm-up."""

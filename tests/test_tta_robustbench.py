@@ -7,6 +7,8 @@ import torch
 from cl.engine.errors import BackboneError
 from cl.engine.stream import StreamInfo
 
+pytestmark = pytest.mark.unit
+
 
 def _build(arch, tmp_path=None, **kw):
     from cl.models.backbones_robustbench import build_robustbench
@@ -123,6 +125,7 @@ def test_packed_relu_and_l1_give_autograd_gradients():
     assert torch.allclose(x.grad, want)
 
 
+@pytest.mark.e2e
 def test_ecotta_saves_backward_memory_against_cotta_on_wrn28():
     """Bytes autograd keeps for backward in one whole adaptation step (saved_tensors_hooks, parameters excluded),
     WRN-28 at the real depth (12 blocks) with width factor 1 at 16 px, batch 8 (the ratio depends on depth and

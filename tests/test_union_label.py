@@ -5,6 +5,8 @@ import pytest
 
 from cl.engine.kind_metrics import average, last, transfer, xtail_summary
 
+pytestmark = pytest.mark.unit
+
 A = [[50.0, 10.0, 20.0],
      [40.0, 60.0, 30.0],
      [30.0, 50.0, 90.0]]

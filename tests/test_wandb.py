@@ -7,6 +7,8 @@ from cl.engine.errors import ConfigError
 from cl.app.loggers import wandb_mode
 from cl.engine.results import config_hash
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def no_wandb_env(monkeypatch):
@@ -29,6 +31,7 @@ def test_mode_is_offline_unless_configured(no_wandb_env, monkeypatch):
         wandb_mode({"mode": "onlin"})
 
 
+@pytest.mark.e2e
 def test_offline_run_writes_its_files_and_sends_nothing(no_wandb_env, compose, run_quiet):
     cfg = compose("strategy=simplecil", "scenario=digits", "debug=fast", "scenario.limit_per_class=4",
                   "scenario.init_cls=5", "scenario.increment=5", "logger=wandb")

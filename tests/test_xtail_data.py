@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.unit
+
 
 def _jpg(path, colour):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +104,7 @@ def test_missing_dataset_is_one_line_naming_the_tree(compose, tmp_path):
                         tmp_path / "b")
 
 
+@pytest.mark.e2e
 def test_mora_xtail_preset_runs_on_a_fake_tree(compose, run_quiet, tmp_path):
     make_tree(tmp_path / "xtail")
     cfg = compose("experiment=mora_xtail", "backbone=clip-tiny", f"data_root={tmp_path}", "scenario.root=xtail",

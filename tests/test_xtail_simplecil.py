@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def simplecil(compose):
@@ -39,6 +41,7 @@ def test_zero_shot_routes_and_prototypes_fuse(simplecil):
     assert simplecil.route(z, cos)[0].argmax() == 0
 
 
+@pytest.mark.e2e
 def test_simplecil_runs_on_synthetic_xtail(compose, run_quiet):
     path, lines = run_quiet(compose("strategy=simplecil", "scenario=synthetic-xtail", "debug=fast",
                                     "trainer.eval_future=true"))

@@ -6,6 +6,8 @@ import torch
 
 from cl.app.testbeds import xtail_warmup as W
 
+pytestmark = pytest.mark.unit
+
 
 def _cfg(compose, tmp_path, *extra):
     return compose("scenario=synthetic-xtail", f"data_root={tmp_path / 'data'}", "backbone.warmup.steps=2", *extra)
