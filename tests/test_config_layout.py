@@ -26,6 +26,8 @@ from cl.engine.errors import ConfigError
 from cl.engine.results import config_hash
 from cl.engine.trainer_config import TrainerConfig
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 AVALANCHE = sorted(p for p in (CONFIGS / "strategy" / "avalanche").glob("*.yaml") if not p.name.startswith("_"))
@@ -55,6 +57,7 @@ def test_experiment_needs_no_rewrite_of_the_overrides():
     assert "sys.argv[1:] =" not in (ROOT / "run.py").read_text()
 
 
+@pytest.mark.e2e
 def test_run_py_takes_experiment_and_names_the_new_spelling_for_the_old():
     ok = subprocess.run([sys.executable, "run.py", "experiment=mos_imagenet-r", "--cfg", "job", "--package",
                          "strategy"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -130,6 +133,7 @@ def _avalanche(*overrides):
                                  trainer=cfg["trainer"])
 
 
+@pytest.mark.e2e
 def test_avalanche_runs_with_the_trainer_values():
     cfg, s = _avalanche("trainer.lr=0.123", "trainer.epochs=3", "trainer.optimizer=sgd", "trainer.momentum=0.5",
                         "debug=fast")
@@ -150,6 +154,7 @@ def test_an_optimisation_value_in_the_strategy_section_names_the_trainer_field()
         compose_config(["strategy=avalanche/naive", "strategy.lr=0.1"])
 
 
+@pytest.mark.e2e
 def test_mos_takes_the_trainers_weight_decay_for_classifier_alignment():
     import scenarios
     from cl.models import backbones
@@ -165,6 +170,7 @@ def test_mos_takes_the_trainers_weight_decay_for_classifier_alignment():
     assert built("strategy.ca_weight_decay=0.01", "trainer.weight_decay=0.25") == 0.01
 
 
+@pytest.mark.e2e
 def test_gs_lora_takes_the_trainers_lr_for_its_proximal_step():
     from test_gs_lora import _stream  # the tiny forgetting stream
 
@@ -300,6 +306,7 @@ def test_the_old_form_resolves_to_the_same_values_and_hash(old_configs, name, ex
     assert config_hash(old) == config_hash(new)
 
 
+@pytest.mark.e2e
 def test_a_run_directory_the_old_form_made_is_found_and_reloaded(old_configs, tmp_path, run_quiet):
     overrides = [f"results_root={tmp_path / 'runs'}", "strategy=avalanche/der", "debug=fast", "trainer.progress=false",
                  "trainer.device=cpu"]

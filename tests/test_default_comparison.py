@@ -15,6 +15,8 @@ from cl.engine.errors import ConfigError
 from cl.app.leaderboard import find_results
 from cl.engine.results import config_hash
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 

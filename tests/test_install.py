@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("cl", "scenarios", "strategies", "configs", "pyproject.toml", "setup.py", "MANIFEST.in", "README.md")
 

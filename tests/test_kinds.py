@@ -16,6 +16,8 @@ from cl.engine.stream import Experience, Stream, StreamInfo
 from cl.engine.strategy import Strategy
 from cl.engine.trainer import History, Trainer, TrainerConfig
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_FILES = ("cl/engine/trainer.py", "cl/app/experiment.py", "cl/engine/online.py")
 

@@ -19,6 +19,8 @@ from cl.engine.phases import Optimiser
 from cl.engine.progress import set_experience, stop_checks
 from cl.engine.trainer import Trainer, TrainerConfig
 
+pytestmark = pytest.mark.unit
+
 
 def linear_problem(n_batches=6, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -135,6 +137,7 @@ SEMA = ["strategy=sema", "scenario=synthetic", "scenario.synthetic.n_classes=6",
         "strategy.rd_epoch=1", "strategy.exp_threshold=1"]  # 3 experiences; threshold 1 expands from experience 1
 
 
+@pytest.mark.e2e
 def test_sema_stops_within_a_step_of_a_stop_during_its_functional_phase():
     cfg = compose_config([*SEMA, "trainer.progress=false", "trainer.device=cpu"])
     torch.manual_seed(0)
@@ -151,6 +154,7 @@ def test_sema_stops_within_a_step_of_a_stop_during_its_functional_phase():
     assert info.value.experience == 0 and info.value.phase == "exp 1 func" and info.value.state is None
 
 
+@pytest.mark.e2e
 def test_sema_interrupted_inside_a_phase_restarts_that_experience_and_ends_as_an_unbroken_run(
         compose, run_quiet, monkeypatch, tmp_path):
     """A stop inside a non-SGD phase saves no mid-experience state: the experience restarts from the previous

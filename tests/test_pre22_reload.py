@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+import pytest
+
+pytestmark = pytest.mark.e2e
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pre22_runs" / "f972a707c5ea21aa"
 
