@@ -11,6 +11,17 @@ TEST_STREAMS = {"class_il": "synthetic", "task_il": "synthetic-task", "domain_il
                 "text": "synthetic-text", "union_label": "synthetic-xtail"}
 
 
+# Strategies made for one backbone family run their test stream on it (SparCL sparsifies a ResNet's layer1..4 convs
+# and refuses a ViT in one line); every other strategy uses the test stream's own default backbone.
+BACKBONES = {"sparcl": "resnet18-tiny"}
+
+
+def overrides_for(name: str, supports: Iterable[str]) -> list[str]:
+    """The config overrides of strategy `name`'s test run: its stream, and its backbone where it needs one."""
+    _, scenario = stream_for(supports)
+    return [f"strategy={name}", f"scenario={scenario}", *([f"backbone={BACKBONES[name]}"] if name in BACKBONES else [])]
+
+
 def stream_for(supports: Iterable[str]) -> tuple[str, str]:
     """(kind, scenario): the test stream of the first kind in a strategy's `supports` that has one."""
     supports = tuple(supports)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import strategies
-from scenarios.smoke import stream_for
+from scenarios.smoke import overrides_for, stream_for
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +25,7 @@ EXTRA_COLUMNS = {"forgetting": 1}
 @pytest.mark.parametrize("name", strategies.names())
 def test_strategy_keeps_the_result_contract(name, compose, run_quiet):
     kind, scenario = stream_for(strategies.get_class(name).supports)
-    path, _ = run_quiet(compose(f"strategy={name}", f"scenario={scenario}", "debug=smoke"))
+    path, _ = run_quiet(compose(*overrides_for(name, strategies.get_class(name).supports), "debug=smoke"))
     assert Path(path).name == "result.json" and Path(path).is_file()
     result = json.loads(Path(path).read_text())
     assert [k for k in RESULT_KEYS if k not in result] == []
