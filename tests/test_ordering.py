@@ -2,6 +2,9 @@
 
 - `debug=learn` (CI-sized runs that learn): joint, the upper bound, ends at or above finetune, and both beat chance,
   on digits and on synthetic. (`debug=fast` = `debug=smoke` only checks the code path: 5 steps per experience.)
+- the pre-trained tiny ViT on `synthetic-hard`: finetune < SimpleCIL <= APER, pre-trained > random, and LAE's
+  ensemble >= its online module (recorded by LAE.run_metrics).
+- real weights on real data (EfficientNet-Lite0, Fashion-MNIST and fashion-mnist-c): tests/test_real_data.py.
 """
 import json
 
