@@ -27,6 +27,8 @@ show it, `record_members` (default on) scores the online module, the offline mod
 test sets (class-IL, sample-weighted, as `last_acc`) at the end of every experience and reports them through
 `run_metrics` as `lae_online_acc`, `lae_offline_acc`, `lae_ensemble_acc` (the offline one only once it exists).
 Cost: two extra backbone passes over the seen test images per experience; `record_members=false` skips them.
+They run in fp32 (the trainer's evaluation autocasts on CUDA, so there `lae_ensemble_acc` may differ from `last_acc`
+in the last digits); after a mid-stream resume the earlier test sets are unknown and nothing is reported.
 
 Deliberate differences from the reference (none changes the function computed, except where noted):
 - Global class ids: each head's outputs are placed at its classes' global ids (the reference relabels classes
