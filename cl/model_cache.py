@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import os
-import inspect
 import random
 import time
 import uuid

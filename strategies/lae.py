@@ -62,6 +62,7 @@ from cl import peft
 from cl.ema import MeanTeacher
 from cl.errors import ConfigError
 from cl.features import extract_features
+from cl.model_cache import isolated_rng
 from cl.strategy import Batch, Strategy
 
 PET_KINDS = ("adapter", "lora", "prefix")
@@ -286,11 +287,12 @@ class LAE(Strategy):
             return torch.stack(picks + ([] if p_off is None else [p_off.argmax(1)]), dim=1)
 
         hits, total = None, 0
-        for test in self._seen_tests:
-            picks, labels = extract_features(members, test, device=device, input_size=self.backbone.input_size,
-                                             in_chans=self.backbone.in_chans)
-            correct = (picks.long() == labels[:, None]).sum(0).double()
-            hits, total = (correct if hits is None else hits + correct), total + len(labels)
+        with isolated_rng():  # a loader draws its base seed from the global RNG: training must not see this pass
+            for test in self._seen_tests:
+                picks, labels = extract_features(members, test, device=device,
+                                                 input_size=self.backbone.input_size, in_chans=self.backbone.in_chans)
+                correct = (picks.long() == labels[:, None]).sum(0).double()
+                hits, total = (correct if hits is None else hits + correct), total + len(labels)
         names = ["lae_online_acc", "lae_ensemble_acc", "lae_offline_acc"]
         self._members = {n: float(h) / total * 100 for n, h in zip(names, hits)}
         self.train(was_training)
