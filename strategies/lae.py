@@ -22,6 +22,14 @@ Algorithm:
     inference: p = max(softmax(f_on(x)), softmax(f_off(x))) element-wise over the seen classes, then argmax
         (two backbone passes; the shared heads; the online model alone before the offline PET exists).
 
+The paper's ablation compares the ensemble with its members (online alone, offline alone); so that a result can
+show it, `record_members` (default on) scores the online module, the offline module and the ensemble on the seen
+test sets (class-IL, sample-weighted, as `last_acc`) at the end of every experience and reports them through
+`run_metrics` as `lae_online_acc`, `lae_offline_acc`, `lae_ensemble_acc` (the offline one only once it exists).
+Cost: two extra backbone passes over the seen test images per experience; `record_members=false` skips them.
+They run in fp32 (the trainer's evaluation autocasts on CUDA, so there `lae_ensemble_acc` may differ from `last_acc`
+in the last digits); after a mid-stream resume the earlier test sets are unknown and nothing is reported.
+
 Deliberate differences from the reference (none changes the function computed, except where noted):
 - Global class ids: each head's outputs are placed at its classes' global ids (the reference relabels classes
   to arrival order); CE over the current head's outputs is the reference's `output[:, num_old_classes:]`.
@@ -53,6 +61,8 @@ from torch import nn
 from cl.models import peft
 from cl.models.ema import MeanTeacher
 from cl.engine.errors import ConfigError
+from cl.engine.features import extract_features
+from cl.engine.model_cache import isolated_rng
 from cl.engine.strategy import Batch, Strategy
 
 PET_KINDS = ("adapter", "lora", "prefix")
@@ -110,11 +120,12 @@ class LAE(Strategy):
     def __init__(self, pet: str = "adapter", adapt_blocks=(0, 1, 2, 3, 4), prefix_length: int = 10,
                  prefix_compensate: bool = True, adapter_bottleneck: int = 5, lora_rank: int = 5,
                  learnable_scale: bool = True, ema_decay: float = 0.9999, num_freeze_epochs: int = 3,
-                 head_init_std: float = 0.001, **hparams):
+                 head_init_std: float = 0.001, record_members: bool = True, **hparams):
         super().__init__(pet=pet, adapt_blocks=list(adapt_blocks), prefix_length=prefix_length,
                          prefix_compensate=prefix_compensate, adapter_bottleneck=adapter_bottleneck,
                          lora_rank=lora_rank, learnable_scale=learnable_scale, ema_decay=ema_decay,
-                         num_freeze_epochs=num_freeze_epochs, head_init_std=head_init_std, **hparams)
+                         num_freeze_epochs=num_freeze_epochs, head_init_std=head_init_std,
+                         record_members=bool(record_members), **hparams)
         if pet not in PET_KINDS:
             raise ConfigError(f"lae.pet must be one of {PET_KINDS}, got {pet!r}")
         if not 0.0 <= float(ema_decay) <= 1.0:
@@ -146,6 +157,8 @@ class LAE(Strategy):
         self.register_buffer("order", torch.full((c,), -1, dtype=torch.long))     # head output j -> class id
         self.register_buffer("cls2task", torch.full((c,), -1, dtype=torch.long))  # class id -> its head
         self.register_buffer("class_pos", torch.zeros(c, dtype=torch.long))       # class id -> output in its head
+        self._seen_tests: list = []  # the seen experiences' test sets, for the member accuracies (not saved)
+        self._members: dict[str, float] = {}
 
     def _add_pet(self, vit: nn.Module, blocks: list[int]) -> None:
         kind, learn = self.h["pet"], self.h["learnable_scale"]
@@ -251,6 +264,43 @@ class LAE(Strategy):
         if task_id is not None:  # task-IL: the reference's task-local accuracy slices the ensembled output
             out = out.masked_fill(self.cls2task[None, :] != task_id[:, None], float("-inf"))
         return out
+
+    # --- the members' accuracies (run_metrics) ----------------------------------------------------------
+    @torch.no_grad()
+    def end_experience(self, exp, loader) -> None:
+        super().end_experience(exp, loader)
+        if not self.h["record_members"] or self.info.kind not in ("class_il", "task_il"):
+            return
+        self._seen_tests.append(exp.test)
+        self._members = {}
+        if len(self._seen_tests) != int(self.experiences_seen):  # resumed mid-stream: the earlier sets are unknown
+            return
+        was_training = self.training
+        self.eval()
+        device = self.pet_params[0].device
+
+        def members(x: torch.Tensor) -> torch.Tensor:
+            p_on = self.probs(self.backbone(x))
+            p_off = None if self.ema is None else self.probs(
+                torch.func.functional_call(self.backbone, self.ema.offline, (x,)))
+            picks = [p_on.argmax(1), self.ensemble(p_on, p_off).argmax(1)]
+            return torch.stack(picks + ([] if p_off is None else [p_off.argmax(1)]), dim=1)
+
+        hits, total = None, 0
+        with isolated_rng():  # a loader draws its base seed from the global RNG: training must not see this pass
+            for test in self._seen_tests:
+                picks, labels = extract_features(members, test, device=device,
+                                                 input_size=self.backbone.input_size, in_chans=self.backbone.in_chans)
+                correct = (picks.long() == labels[:, None]).sum(0).double()
+                hits, total = (correct if hits is None else hits + correct), total + len(labels)
+        names = ["lae_online_acc", "lae_ensemble_acc", "lae_offline_acc"]
+        self._members = {n: float(h) / total * 100 for n, h in zip(names, hits)}
+        self.train(was_training)
+
+    def run_metrics(self) -> dict:
+        """The online module's, the offline module's and the ensemble's accuracy on the seen test sets at the end
+        of the last experience (class-IL; empty when `record_members` is off or after a mid-stream resume)."""
+        return dict(self._members)
 
     # --- costs and resume ------------------------------------------------------------------------
     def load_state_dict(self, state, strict: bool = True):

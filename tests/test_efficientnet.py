@@ -139,7 +139,8 @@ def test_vit_only_strategies_fail_at_start_on_the_cnn(compose, tmp_path, strateg
         assert "strategy.peft=ssf" in msg
 
 
-@pytest.mark.slow  # 54-480 s each on the loaded machine: measured for CI later (docs/real_data.md)
+# 1.6-3.8 s of CPU each (OMP_NUM_THREADS=1; docs/real_data.md): in CI
+@pytest.mark.e2e
 @pytest.mark.parametrize("strategy", [["strategy=adam", "strategy.peft=ssf"], ["strategy=fsa", "strategy.adapt=film"],
                                       ["strategy=derpp"], ["strategy=avalanche/naive"]])
 def test_cnn_strategies_run_on_efficientnet_lite0(compose, run_quiet, tmp_path, strategy):

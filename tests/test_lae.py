@@ -198,3 +198,18 @@ def test_lae_resumes_to_the_same_matrix(compose, run_quiet, tmp_path):
     ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
     assert ra["acc_matrix"] == rb["acc_matrix"]
     assert ra["task_il_matrix"] == rb["task_il_matrix"]
+
+
+def test_the_result_records_the_online_offline_and_ensemble_accuracies(lae_vs_finetune):
+    """run_metrics: the members scored on the seen test sets at the end of the last experience; the ensemble's
+    figure is the run's last accuracy (the same predictions, recomputed), the members are the paper's ablation."""
+    m = lae_vs_finetune["lae"]["metrics"]
+    assert {"lae_online_acc", "lae_offline_acc", "lae_ensemble_acc"} <= m.keys()
+    assert m["lae_ensemble_acc"] == pytest.approx(m["last_acc"], abs=1e-6)
+    assert all(0 <= m[k] <= 100 for k in ("lae_online_acc", "lae_offline_acc"))
+
+
+def test_member_accuracies_can_be_switched_off(compose, run_quiet):
+    path, _ = run_quiet(compose("strategy=lae", "scenario=synthetic", "debug=fast", "strategy.record_members=false",
+                                "trainer.stop_after=1"))
+    assert not any(k.startswith("lae_") for k in json.loads(path.read_text())["metrics"])

@@ -36,6 +36,9 @@ NON_SEMANTIC_KEYS = ("results_root", "data_root", "hydra", "trainer.progress", "
                      "scenario.bad_images",
                      # MOS's T test-time passes in one batch or T: the same predictions and stored sets (tested)
                      "strategy.batched_eval",
+                     # LAE's extra test passes that report its online and offline modules: metrics added, the run's
+                     # training and predictions unchanged (they run under their own RNG; tests/test_lae.py)
+                     "strategy.record_members",
                      # a disk budget for the image cache: whether it is used, never what is computed
                      "scenario.image_cache_max_gb",
                      # what `python run.py` alone compares (cl/app/compare.py), not what one run computes

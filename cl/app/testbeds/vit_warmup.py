@@ -61,10 +61,12 @@ def _timm_cfg(settings: Mapping[str, Any]) -> dict:
     return {**settings["model"], "source": "timm", "pretrained": False, "weights": None, "normalize": "none"}
 
 
-def warm_up(settings: Mapping[str, Any], progress: bool = True) -> dict[str, torch.Tensor]:
+def warm_up(settings: Mapping[str, Any], progress: bool = True, checkpoint=None) -> dict[str, torch.Tensor]:
     """The ViT's state dict after `steps` AdamW steps (cosine) of cross-entropy on the pre-training set.
 
-    The caller (cl/model_cache.cached_weights) runs this under its own RNG."""
+    The caller (cl/model_cache.cached_weights) runs this under its own RNG. With a `checkpoint`
+    (cl.engine.model_cache.BuildCheckpoint) the loop saves its state every few seconds and resumes from a saved one: the
+    same weights as an uninterrupted build (model, optimiser, schedule, step and both RNGs are restored)."""
     from cl.engine.data import to_model_input
     from cl.engine.progress import progress_bar
 
@@ -80,9 +82,24 @@ def warm_up(settings: Mapping[str, Any], progress: bool = True) -> dict[str, tor
     opt = torch.optim.AdamW(params, lr=float(w["lr"]), weight_decay=float(w["weight_decay"]))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(w["lr"]), total_steps=max(1, steps), pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
+    first = 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        backbone.model.load_state_dict(saved["model"])
+        head.load_state_dict(saved["head"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        g.set_state(saved["sampler_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        first = int(saved["step"])
     bar = progress_bar(steps, "pre-training vit-tiny (once; cached)", enabled=progress)
+    bar.update(first)
     backbone.train()
-    for step in range(steps):
+    for step in range(first, steps):
+        if checkpoint is not None and step > first and checkpoint.due():
+            checkpoint.save({"step": step, "model": backbone.model.state_dict(), "head": head.state_dict(),
+                             "opt": opt.state_dict(), "sched": sched.state_dict(), "sampler_rng": g.get_state(),
+                             "torch_rng": torch.get_rng_state()})
         idx = torch.randint(len(ys), (bs,), generator=g)
         x = to_model_input(xs[idx], size, chans, torch.device("cpu"))
         loss = F.cross_entropy(head(backbone(x)), ys[idx])
@@ -104,7 +121,8 @@ def cached_vit(cfg: Mapping[str, Any]):
     warm = dict(cfg.get("warmup") or {})
     cache_dir = warm.get("cache_dir") or "data/vit-warmup-cache"
     progress = bool(warm.get("progress", True))
-    return cached_weights(cache_dir, "vit-tiny", settings, lambda: warm_up(settings, progress),
+    return cached_weights(cache_dir, "vit-tiny", settings,
+                          lambda checkpoint: warm_up(settings, progress, checkpoint),
                           seed=int(settings["warmup"]["seed"]))
 
 
