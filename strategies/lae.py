@@ -277,9 +277,10 @@ class LAE(Strategy):
             return
         was_training = self.training
         self.eval()
-        device = self.pet_params[0].device
+        device, dtype = self.pet_params[0].device, self.pet_params[0].dtype
 
         def members(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(dtype)  # the model's precision (fp64 in the reference-step test)
             p_on = self.probs(self.backbone(x))
             p_off = None if self.ema is None else self.probs(
                 torch.func.functional_call(self.backbone, self.ema.offline, (x,)))

@@ -50,3 +50,19 @@ def test_bounded_forget_loss_stops_at_bound():
     logits = torch.tensor([[10.0, -10.0]])
     assert float(bounded_forget_loss(logits, torch.tensor([1]), bound=5.0)) == 0.0  # CE=20 > bound
     assert float(bounded_forget_loss(logits, torch.tensor([0]), bound=5.0)) == pytest.approx(5.0, abs=1e-6)
+
+
+def test_a_cold_original_model_cache_leaves_the_runs_rng_as_a_warm_one(tmp_path):
+    """Building synthetic-forget's original model must not reseed the run (it did: a cold cache gave other matrices
+    than a warm one under the same run hash)."""
+    import torch
+
+    from cl.app.testbeds.synthetic_forget import cached_original
+
+    cfg = {"cache_dir": str(tmp_path), "epochs": 1, "synthetic": {"train_per_class": 4, "test_per_class": 2}}
+    draws = []
+    for _ in range(2):  # cold, then warm
+        torch.manual_seed(123)
+        cached_original(cfg)
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[1])

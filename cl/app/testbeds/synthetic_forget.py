@@ -13,6 +13,7 @@ validation part (`forgetting.split_validation`), so the forget/retain validation
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -90,9 +91,13 @@ def cached_original(cfg: Mapping[str, Any]):
         body.load_state_dict(state["body"])
         head.load_state_dict(state["head"])
         return body.eval(), head.eval(), key
-    body, head = train_original(synthetic, vit, val_fraction, epochs, lr, head_kind=head_kind, cosface=cosface)
+    from cl.engine.model_cache import isolated_rng
+
+    # under its own RNG: a cold cache must leave the run's draws exactly as a warm one does
+    with isolated_rng(0):
+        body, head = train_original(synthetic, vit, val_fraction, epochs, lr, head_kind=head_kind, cosface=cosface)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{np.random.randint(1 << 30)}.tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save({"body": body.state_dict(), "head": head.state_dict()}, tmp)
     tmp.replace(path)  # atomic: a concurrent first run trains its own copy and one of them wins
     return body, head, key
