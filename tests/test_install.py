@@ -46,6 +46,8 @@ def test_the_wheel_carries_every_config_and_the_command(installed):
     configs = {f"cl/configs/{p.relative_to(ROOT / 'configs').as_posix()}" for p in (ROOT / "configs").rglob("*")
                if p.is_file() and "__pycache__" not in p.parts}
     assert configs and configs <= names, sorted(configs - names)[:5]
+    # package data: the RobustBench ImageNet-C id list (pyproject.toml [tool.setuptools.package-data])
+    assert "scenarios/datasets/data/imagenet_test_image_ids.txt" in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "clbench = cl.app.run:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
