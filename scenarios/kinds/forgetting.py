@@ -33,10 +33,7 @@ Metrics (`cl.engine.kind_metrics.forgetting`, registered in `KIND`), all percent
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-import torch
 
 from cl.engine import kind_metrics as km
 from cl.engine.errors import ConfigError
@@ -191,13 +188,3 @@ KIND = Kind(
     metrics=km.forgetting, summary=km.forgetting_result_summary, score=km.forgetting_score,
     matrix_labels=km.forgetting_labels,
 )
-
-
-def check_forgetting_backbone(backbone: Any) -> torch.nn.Module:
-    """The trained classifier head a forgetting strategy starts from, or a one-line error naming the fix."""
-    head = getattr(backbone, "head", None)
-    if not isinstance(head, torch.nn.Module):
-        raise ConfigError(f"backbone '{getattr(backbone, 'name', '?')}' has no trained classifier head: continual "
-                          f"forgetting starts from a model that knows every class; use backbone=synthetic-forget "
-                          f"or a preset whose backbone carries its head")
-    return head
